@@ -1,0 +1,223 @@
+"""Run the same streaming workloads against Pensieve, llama-server and llama-cpp-python.
+
+Servers run one after another (never together), each on a free 127.0.0.1 port with its
+output in bench/.logs/. Prints one comparison table and writes the results as JSON.
+
+    python bench/serving.py --servers pensieve,llama-server,llama-cpp-python --concurrency 1,4,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import platform
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loadgen import (
+    RunSummary,
+    Timeouts,
+    add_workload_args,
+    format_summary,
+    run_workload,
+    sampling_from_args,
+    timeouts_from_args,
+)
+from report import build_table, print_table, render_markdown
+from servers import BENCH_DIR, SERVERS, ServerNotReady, ServerProcess, ServerSpec, free_port
+from workload import SamplingConfig
+
+log = logging.getLogger("bench.serving")
+
+DEFAULT_MODEL = Path("/root/.local/share/pensieve/default/SmolLM2-135M-Instruct.Q4_1.gguf")
+LOG_DIR = BENCH_DIR / ".logs"
+WARMUP_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchPlan:
+    """Everything one invocation runs, fixed before any server starts."""
+
+    servers: list[str]
+    model: Path
+    threads: int
+    llama_server_parallel: int
+    concurrencies: list[int]
+    num_requests: dict[int, int]
+    sampling: SamplingConfig
+    seed: int
+    timeouts: Timeouts
+    ready_timeout_s: float
+
+
+@dataclasses.dataclass(slots=True)
+class BenchResults:
+    results: dict[str, dict[int, RunSummary]] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    commands: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    startup_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def requests_for(concurrency: int, fixed: int | None) -> int:
+    """Default: max(2 * concurrency, 8) requests, so every stream sends at least two."""
+    return fixed if fixed is not None else max(2 * concurrency, 8)
+
+
+async def _run_workloads(base_url: str, plan: BenchPlan) -> dict[int, RunSummary]:
+    warmup = await run_workload(
+        base_url, 1, 1, dataclasses.replace(plan.sampling, max_tokens=WARMUP_TOKENS), seed=plan.seed
+    )
+    if warmup.num_failed:
+        log.error("warm-up request failed: %s", warmup.first_error)
+    runs: dict[int, RunSummary] = {}
+    for concurrency in plan.concurrencies:
+        summary = await run_workload(
+            base_url,
+            concurrency,
+            plan.num_requests[concurrency],
+            plan.sampling,
+            seed=plan.seed,
+            timeouts=plan.timeouts,
+        )
+        log.info("%s\n%s", base_url, format_summary(summary))
+        runs[concurrency] = summary
+    return runs
+
+
+def bench_server(spec: ServerSpec, plan: BenchPlan, out: BenchResults) -> None:
+    """Start one server, run every workload against it, stop it; record a skip on failure."""
+    if not spec.is_installed:
+        out.skipped[spec.name] = f"{spec.executable} not found; {spec.build_hint}"
+        log.warning("skipping %s: %s", spec.name, out.skipped[spec.name])
+        return
+    port = free_port()
+    argv = spec.argv(
+        model=plan.model, port=port, threads=plan.threads, parallel=plan.llama_server_parallel
+    )
+    out.commands[spec.name] = argv
+    log_path = LOG_DIR / f"{spec.name}.log"
+    try:
+        with ServerProcess(argv, log_path, port, spec.ready_path) as server:
+            out.startup_s[spec.name] = server.wait_ready(plan.ready_timeout_s)
+            log.info("%s ready after %.1f s", spec.name, out.startup_s[spec.name])
+            out.results[spec.name] = asyncio.run(_run_workloads(server.base_url, plan))
+    except ServerNotReady as exc:
+        out.skipped[spec.name] = f"not ready ({exc}); see {log_path}"
+        log.error("skipping %s: %s", spec.name, exc)
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `with ServerProcess`, which stops the server
+
+
+def _metadata(plan: BenchPlan) -> dict[str, Any]:
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "model": str(plan.model),
+        "threads": plan.threads,
+        "llama_server_parallel": plan.llama_server_parallel,
+        "seed": plan.seed,
+        "sampling": dataclasses.asdict(plan.sampling),
+        "num_requests": plan.num_requests,
+    }
+
+
+def write_json(path: Path, plan: BenchPlan, out: BenchResults) -> None:
+    payload = {
+        "meta": _metadata(plan),
+        "commands": out.commands,
+        "startup_s": out.startup_s,
+        "skipped": out.skipped,
+        "results": {
+            name: [s.to_dict() for s in runs.values()] for name, runs in out.results.items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    log.info("results written to %s", path)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help="comma-separated, from: " + ", ".join(SERVERS)
+    )
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="GGUF file every server loads"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,4,8,16", help="comma-separated stream counts")
+    parser.add_argument(
+        "--num-requests", type=int, default=None, help="per workload; default max(2c, 8)"
+    )
+    parser.add_argument(
+        "--llama-server-np", type=int, default=8, help="llama-server slots (-np), e.g. 16"
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness"
+    )
+    parser.add_argument("--json-out", type=Path, default=LOG_DIR / "serving-latest.json")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    add_workload_args(parser)
+    return parser.parse_args(argv)
+
+
+def plan_from_args(args: argparse.Namespace) -> BenchPlan:
+    servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+    unknown = [name for name in servers if name not in SERVERS]
+    if unknown:
+        raise SystemExit(f"unknown server(s) {unknown}; choose from {list(SERVERS)}")
+    if not args.model.is_file():
+        raise SystemExit(f"model file not found: {args.model}")
+    concurrencies = _int_list(args.concurrency)
+    return BenchPlan(
+        servers=servers,
+        model=args.model.resolve(),
+        threads=args.threads,
+        llama_server_parallel=args.llama_server_np,
+        concurrencies=concurrencies,
+        num_requests={c: requests_for(c, args.num_requests) for c in concurrencies},
+        sampling=sampling_from_args(args),
+        seed=args.seed,
+        timeouts=timeouts_from_args(args),
+        ready_timeout_s=args.ready_timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    plan = plan_from_args(args)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    out = BenchResults()
+    for name in plan.servers:
+        bench_server(SERVERS[name], plan, out)
+    title = (
+        f"{plan.model.name}, {plan.threads} threads, max_tokens {plan.sampling.max_tokens}, "
+        f"llama-server -np {plan.llama_server_parallel}"
+    )
+    table = build_table(title, out.results, plan.concurrencies, out.skipped)
+    print_table(table)
+    if args.markdown:
+        print(render_markdown(table))
+    write_json(args.json_out, plan, out)
+    return 0 if out.results else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The benchmark workload: built-in prompts and the request body sent to every server.
+
+Every server gets byte-for-byte the same requests in the same order, so a run is only a
+function of (seed, number of requests, max_tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+# Short, varied user prompts; each is roughly 30-80 tokens with the SmolLM2 tokenizer.
+PROMPTS: tuple[str, ...] = (
+    "Explain in simple terms why the sky looks blue during the day but red and orange at "
+    "sunset. Mention the role of the atmosphere and the angle of the sunlight.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle that seems "
+    "to have been written by someone who lived on the same island a century ago.",
+    "List five practical tips for someone who wants to start running regularly but keeps "
+    "losing motivation after the first week. Keep each tip to one or two sentences.",
+    "What is the difference between a list and a tuple in Python? Give a small example of "
+    "when you would choose each one and explain why.",
+    "Describe the water cycle to a ten-year-old, covering evaporation, condensation, "
+    "precipitation and collection, and end with a fun fact about clouds.",
+    "I have eggs, spinach, a little cheese and some leftover rice. Suggest a simple dinner I "
+    "could cook in under twenty minutes and give the steps.",
+    "Summarize the main causes of the French Revolution in a few sentences, focusing on the "
+    "economic situation, social inequality and new political ideas of the time.",
+    "Write a polite email to a colleague asking them to review a document by Friday, and "
+    "offer to help with their project in return next week.",
+    "Why do cats purr? Describe what scientists currently believe about how the sound is "
+    "produced and the different situations in which cats do it.",
+    "Compose a four-line poem about autumn leaves falling in a quiet city park early in the "
+    "morning, with a gentle and slightly nostalgic tone.",
+    "Explain what a hash table is, how it stores and finds values, and what happens when two "
+    "keys end up in the same bucket.",
+    "Give me a beginner's plan for learning to play the guitar over the next month, with a "
+    "goal for each week and how long to practice every day.",
+    "What are the benefits and drawbacks of working from home compared with working in an "
+    "office? Consider productivity, communication and well-being.",
+    "Describe how a bicycle stays upright while it is moving, and why it is much harder to "
+    "balance one when it is standing still.",
+    "Translate the idea of compound interest into an everyday example with numbers, so that "
+    "a teenager saving pocket money can understand why starting early helps.",
+    "Write a product description for a reusable water bottle that keeps drinks cold for a "
+    "whole day, aimed at hikers and people who commute by bike.",
+    "How do vaccines train the immune system? Explain antigens, antibodies and memory cells "
+    "in plain language without too much jargon.",
+    "Invent a simple board game for two players that uses only a deck of cards and a few "
+    "coins, and explain the rules and how to win.",
+    "What should I check before buying a used car? Give a short checklist covering the "
+    "engine, the paperwork, the tyres and a test drive.",
+    "Explain the difference between weather and climate, and why a single cold winter does "
+    "not tell us much about long-term global trends.",
+    "Write a short dialogue between a robot and a gardener who are arguing politely about "
+    "the best time of day to water tomato plants.",
+    "Describe three famous bridges in the world, where they are, when they were built and "
+    "what makes each of them special from an engineering point of view.",
+    "Give advice to a student who has an important exam in two weeks and feels anxious. "
+    "Include study planning, sleep and how to handle stress on the day.",
+    "What is photosynthesis? Explain what goes into a leaf, what comes out, and why this "
+    "process matters for almost every living thing on Earth.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    """What every request asks the server to generate."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    ignore_eos: bool = True
+    banned_token_ids: tuple[int, ...] = (0, 2)  # SmolLM2: <|endoftext|>=0, <|im_end|>=2
+    include_usage: bool = True
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+def select_prompts(num_requests: int, seed: int) -> list[str]:
+    """Pick the prompt of each request, deterministically from the seed."""
+    rng = random.Random(seed)
+    return [rng.choice(PROMPTS) for _ in range(num_requests)]
+
+
+def build_chat_body(prompt: str, model: str, sampling: SamplingConfig) -> dict[str, Any]:
+    """The JSON body of one streaming chat completion request."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "temperature": sampling.temperature,
+        "max_tokens": sampling.max_tokens,
+    }
+    if sampling.include_usage:
+        body["stream_options"] = {"include_usage": True}
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True
+    if sampling.banned_token_ids:
+        body["logit_bias"] = {str(t): -100.0 for t in sampling.banned_token_ids}
+    body.update(sampling.extra_body)
+    return body

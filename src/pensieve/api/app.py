@@ -1,0 +1,44 @@
+"""The FastAPI application: app factory, lifespan (start and stop the model workers), routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pensieve import __version__
+from pensieve.api import openai
+from pensieve.api.errors import install_error_handlers
+from pensieve.runtime import ModelRuntime
+
+log = logging.getLogger("pensieve.api")
+
+
+def create_app(runtime: ModelRuntime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.runtime = runtime
+        await runtime.start_all()
+        try:
+            yield
+        finally:
+            await runtime.stop_all()
+
+    app = FastAPI(title="Pensieve", version=__version__, lifespan=lifespan,
+                  description="A local LLM server with continuous batching and memory.")
+    install_error_handlers(app)
+    app.include_router(openai.router)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        models = request.app.state.runtime.models()
+        ready = any(m.client.is_running for m in models)
+        status = {"status": "ok" if ready else "loading",
+                  "models": {m.name: ("ready" if m.client.is_running else "not loaded")
+                             for m in models}}
+        return JSONResponse(status, status_code=200)
+
+    return app

@@ -1,0 +1,143 @@
+"""API-independent helpers for running engine requests from an HTTP handler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from pensieve.engine.client import EngineClient
+from pensieve.engine.types import EngineRequest, RequestAccepted, SeqOutput, TokenLogprob
+from pensieve.errors import InvalidRequest
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Generation:
+    """A started request: its prompt was accepted; outputs follow from `outputs`."""
+
+    num_prompt_tokens: int
+    outputs: AsyncIterator[SeqOutput]
+    offset: int = 0  # choice index offset when several prompts share one response
+
+
+async def start(client: EngineClient, request: EngineRequest, offset: int = 0) -> Generation:
+    """Submit and wait until the worker has accepted (or rejected: raises) the request."""
+    if request.params.n > (client.info.n_seq_max if client.info else 1):
+        raise InvalidRequest(
+            f"n={request.params.n} is more than this server's --parallel "
+            f"({client.info.n_seq_max if client.info else 1}) sequences.", param="n")
+    stream = client.generate(request)
+    try:
+        first = await anext(stream)
+    except BaseException:
+        await stream.aclose()
+        raise
+    assert isinstance(first, RequestAccepted)
+    return Generation(first.num_prompt_tokens, stream, offset)  # type: ignore[arg-type]
+
+
+async def start_all(client: EngineClient, requests: list[EngineRequest], n: int) -> list[Generation]:
+    gens: list[Generation] = []
+    try:
+        for i, req in enumerate(requests):
+            gens.append(await start(client, req, offset=i * n))
+    except BaseException:
+        for g in gens:
+            await g.outputs.aclose()  # type: ignore[attr-defined]
+        raise
+    return gens
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[SeqOutput]:
+    """Outputs of several generations as they come, with choice indexes made unique."""
+    if len(gens) == 1:
+        g = gens[0]
+        async for out in g.outputs:
+            yield out
+        return
+    queue: asyncio.Queue[SeqOutput | BaseException | None] = asyncio.Queue()
+
+    async def pump(g: Generation) -> None:
+        try:
+            async for out in g.outputs:
+                out.index += g.offset
+                queue.put_nowait(out)
+        except Exception as exc:  # surfaced to the consumer below
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class Collected:
+    texts: list[str]
+    finish_reasons: list[str | None]
+    logprobs: list[list[TokenLogprob]]
+    num_output_tokens: int = 0
+    token_counts: list[int] = field(default_factory=list)
+
+
+async def collect(outputs: AsyncIterator[SeqOutput], num_choices: int) -> Collected:
+    result = Collected([""] * num_choices, [None] * num_choices,
+                       [[] for _ in range(num_choices)], 0, [0] * num_choices)
+    async for out in outputs:
+        i = out.index
+        result.texts[i] += out.text
+        result.token_counts[i] = out.num_output_tokens
+        if out.logprobs:
+            result.logprobs[i].extend(out.logprobs)
+        if out.finish_reason is not None:
+            result.finish_reasons[i] = str(out.finish_reason)
+    result.num_output_tokens = sum(result.token_counts)
+    return result
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (non-streaming responses)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise asyncio.CancelledError("client disconnected")
+        return task.result()
+    finally:
+        watcher.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pensieve.api.errors import error_body
+from pensieve.api.generation import (
+    SSE_DONE,
+    Collected,
+    Generation,
+    collect,
+    merged,
+    sse,
+    start_all,
+    until_disconnect,
+)
+from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
+from pensieve.errors import PensieveError
+from pensieve.runtime import ModelRuntime, ServedModel
+from pensieve.templates import ChatTemplate
+
+router = APIRouter()
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _runtime(request: Request) -> ModelRuntime:
+    return request.app.state.runtime
+
+
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": served.name, "object": "model", "created": served.created,
+                            "owned_by": "pensieve"}
+    info = served.client.info
+    if info is not None:
+        card["meta"] = {"n_ctx": info.n_ctx_seq, "n_ctx_train": info.n_ctx_train,
+                        "n_params": info.num_params, "size": info.size_bytes,
+                        "n_vocab": info.n_vocab, "description": info.description}
+    return card
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(m) for m in _runtime(request).models()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    return _model_card(_runtime(request).get(model_id))
+
+
+# --- chat ------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest,
+                           request: Request) -> JSONResponse | StreamingResponse:
+    body.warn_unknown_fields()
+    served = _runtime(request).get(body.model)
+    info = await served.client.ensure_started()
+    template = ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = template.render(messages, add_generation_prompt=True)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    engine_req = EngineRequest(rid, body.to_sampling_params(), prompt=prompt)
+    gens = await start_all(served.client, [engine_req], body.n)
+    meta = {"id": rid, "created": int(time.time()), "model": served.name,
+            "system_fingerprint": _fingerprint(served)}
+    if body.stream:
+        stream = _chat_stream(gens, meta, body.n, body.include_usage())
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+    result = await until_disconnect(request, collect(merged(gens), body.n))
+    return JSONResponse(_chat_response(meta, result, gens))
+
+
+def _chat_response(meta: dict[str, Any], result: Collected, gens: list[Generation]
+                   ) -> dict[str, Any]:
+    choices = []
+    for i, text in enumerate(result.texts):
+        choices.append({
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": _chat_logprobs(result.logprobs[i]) if result.logprobs[i] else None,
+            "finish_reason": result.finish_reasons[i],
+        })
+    return {**meta, "object": "chat.completion", "choices": choices,
+            "usage": _usage(gens, result.num_output_tokens)}
+
+
+async def _chat_stream(gens: list[Generation], meta: dict[str, Any], n: int,
+                       include_usage: bool) -> AsyncIterator[bytes]:
+    base = {**meta, "object": "chat.completion.chunk"}
+    counts = [0] * n
+    outputs = merged(gens)
+    try:
+        for i in range(n):
+            yield sse({**base, "choices": [_chunk_choice(i, {"role": "assistant", "content": ""})]})
+        async for out in outputs:
+            counts[out.index] = out.num_output_tokens
+            lp = _chat_logprobs(out.logprobs) if out.logprobs else None
+            if out.text or out.finish_reason is not None or lp:
+                delta = {"content": out.text} if out.text else {}
+                choice = _chunk_choice(out.index, delta, out, lp)
+                yield sse({**base, "choices": [choice]})
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(gens, sum(counts))})
+        yield SSE_DONE
+    except PensieveError as exc:
+        yield sse(error_body(exc))
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _chunk_choice(index: int, delta: dict[str, Any], out: SeqOutput | None = None,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    finish = str(out.finish_reason) if out is not None and out.finish_reason else None
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [_logprob_entry(e) for e in entries], "refusal": None}
+
+
+def _logprob_entry(e: TokenLogprob) -> dict[str, Any]:
+    return {
+        **_token_fields(e.token, e.logprob),
+        "top_logprobs": [_token_fields(tok, lp) for _, tok, lp in e.top],
+    }
+
+
+def _token_fields(token: bytes, logprob: float) -> dict[str, Any]:
+    return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob,
+            "bytes": list(token)}
+
+
+# --- legacy completions ----------------------------------------------------------------------
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest,
+                      request: Request) -> JSONResponse | StreamingResponse:
+    body.warn_unknown_fields()
+    served = _runtime(request).get(body.model)
+    await served.client.ensure_started()
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    params = body.to_sampling_params()
+    prompts = body.prompts()
+    engine_reqs = [
+        EngineRequest(f"{rid}-{i}", params, prompt=p) if isinstance(p, str)
+        else EngineRequest(f"{rid}-{i}", params, prompt_tokens=tuple(p))
+        for i, p in enumerate(prompts)
+    ]
+    gens = await start_all(served.client, engine_reqs, body.n)
+    meta = {"id": rid, "created": int(time.time()), "model": served.name,
+            "system_fingerprint": _fingerprint(served)}
+    echoes = [p if body.echo and isinstance(p, str) else "" for p in prompts]
+    num_choices = len(prompts) * body.n
+    if body.stream:
+        stream = _completion_stream(gens, meta, num_choices, body, echoes)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+    result = await until_disconnect(request, collect(merged(gens), num_choices))
+    choices = []
+    for i, text in enumerate(result.texts):
+        lp = result.logprobs[i]
+        choices.append({"index": i, "text": echoes[i // body.n] + text,
+                        "logprobs": _completion_logprobs(lp) if body.logprobs is not None else None,
+                        "finish_reason": result.finish_reasons[i]})
+    return JSONResponse({**meta, "object": "text_completion", "choices": choices,
+                         "usage": _usage(gens, result.num_output_tokens)})
+
+
+async def _completion_stream(gens: list[Generation], meta: dict[str, Any], num_choices: int,
+                             body: CompletionRequest, echoes: list[str]) -> AsyncIterator[bytes]:
+    base = {**meta, "object": "text_completion"}
+    counts = [0] * num_choices
+    echoed = [False] * num_choices
+    outputs = merged(gens)
+    try:
+        async for out in outputs:
+            i = out.index
+            counts[i] = out.num_output_tokens
+            text = out.text
+            if not echoed[i]:
+                text, echoed[i] = echoes[i // body.n] + text, True
+            lp = _completion_logprobs(out.logprobs) if out.logprobs else None
+            if text or out.finish_reason is not None or lp:
+                finish = str(out.finish_reason) if out.finish_reason else None
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+                yield sse({**base, "choices": [choice]})
+        if body.include_usage():
+            yield sse({**base, "choices": [], "usage": _usage(gens, sum(counts))})
+        yield SSE_DONE
+    except PensieveError as exc:
+        yield sse(error_body(exc))
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    tokens = [e.token.decode("utf-8", errors="replace") for e in entries]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{tok.decode("utf-8", errors="replace"): lp for _, tok, lp in e.top}
+                         for e in entries],
+        "text_offset": offsets,
+    }
+
+
+# --- shared ----------------------------------------------------------------------------------
+def _usage(gens: list[Generation], num_output_tokens: int) -> dict[str, Any]:
+    prompt = sum(g.num_prompt_tokens for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": num_output_tokens,
+            "total_tokens": prompt + num_output_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def _fingerprint(served: ServedModel) -> str:
+    return f"pensieve-{served.name}"

@@ -1,0 +1,203 @@
+"""OpenAI request models (pydantic, strict types) and their conversion to engine parameters."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pensieve.engine.types import SamplingParams
+from pensieve.errors import InvalidRequest
+
+log = logging.getLogger("pensieve.api")
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_LOGIT_BIAS = 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def warn_unknown_fields(self) -> None:
+        if self.model_extra:
+            log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url", "input_audio", "file"]
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if not isinstance(part, TextPart):
+                raise InvalidRequest(
+                    f"This model is text-only: content parts of type {part.type!r} are not "
+                    "supported. Send text parts only.", param="messages", code="unsupported_content")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Sampling fields shared by chat and legacy completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=64)
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+
+    @model_validator(mode="after")
+    def _check_stop_and_bias(self) -> _SamplingFields:
+        stops = self.stop_list()
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings may be at most {MAX_STOP_LENGTH} characters long")
+        if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may have at most {MAX_LOGIT_BIAS} entries")
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError("logit_bias values must be between -100 and 100")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, *, max_tokens: int | None, logprobs: bool,
+                        top_logprobs: int) -> SamplingParams:
+        bias = tuple((int(k), _clamp_bias(v)) for k, v in (self.logit_bias or {}).items())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=None if self.seed is None else self.seed & 0xFFFFFFFF,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repeat_penalty=1.0 if self.repeat_penalty is None else self.repeat_penalty,
+            logit_bias=bias,
+            stop=tuple(self.stop_list()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            n=self.n,
+        )
+
+
+def _clamp_bias(value: float) -> float:
+    # OpenAI: -100 bans a token and 100 forces it; llama.cpp adds the bias to the logit.
+    if value <= -100.0:
+        return float("-inf")
+    return value
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format {kind!r} is not supported yet; use 'text'")
+        if self.tools and self.tool_choice != "none":
+            raise ValueError("tool calling is not supported yet; send no tools")
+        return self
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0,
+        )
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    max_tokens: int | None = Field(16, ge=1, le=1 << 20)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported yet")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of different from n is not supported")
+        prompts = self.prompts()
+        if not prompts or len(prompts) > 64:
+            raise ValueError("prompt must hold between 1 and 64 prompts")
+        if self.echo and any(not isinstance(p, str) for p in prompts):
+            raise ValueError("echo is supported for text prompts only")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(
+            max_tokens=self.max_tokens,
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs or 0,
+        )

@@ -1,0 +1,114 @@
+"""Configuration: one pydantic-settings model feeds CLI flags, PENSIEVE_* environment variables and
+a TOML config file (precedence in that order, then the defaults). Everything below the CLI gets
+frozen dataclasses built from it once at start-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pensieve.engine.engine import EngineConfig
+from pensieve.engine.llama import ContextConfig
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "pensieve"
+
+
+class Settings(BaseSettings):
+    """Pensieve server settings. Every field is a `--flag`, a `PENSIEVE_FIELD` variable and a
+    key of the TOML config file."""
+
+    model_config = SettingsConfigDict(env_prefix="PENSIEVE_", extra="forbid",
+                                      validate_default=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on. Loopback by default.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on.")
+    model: str | None = Field(
+        None, description="Path of the GGUF model file to serve. Empty: the embedded default "
+        "model, SmolLM2-135M-Instruct.")
+    model_alias: str | None = Field(
+        None, description="Name clients use for the model (the `model` field). Default: derived "
+        "from the file name.")
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="Where Pensieve keeps models and state.")
+    ctx_size: int = Field(16384, ge=256, le=1 << 20,
+                          description="KV cache size in tokens, shared by all sequences.")
+    parallel: int = Field(16, ge=1, le=256,
+                          description="Maximum number of sequences decoded together.")
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024,
+                         description="CPU threads for generation. Default: all cores.")
+    threads_batch: int | None = Field(None, ge=1, le=1024,
+                                      description="CPU threads for prompt processing. "
+                                      "Default: same as --threads.")
+    batch_size: int = Field(512, ge=16, le=8192,
+                            description="Most tokens computed in one engine step.")
+    flash_attn: Literal["auto", "on", "off"] = Field("on", description="Flash attention.")
+    kv_unified: bool = Field(
+        True, description="One KV buffer shared by all sequences (a long conversation may use "
+        "the whole --ctx-size). Off: each sequence gets ctx_size/parallel cells.")
+    mmap: bool = Field(True, description="Memory-map the model file.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level.")
+
+    @field_validator("model", "model_alias")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        ctx = ContextConfig(
+            n_ctx=self.ctx_size,
+            n_batch=self.batch_size,
+            n_ubatch=self.batch_size,
+            n_seq_max=self.parallel,
+            n_threads=self.threads,
+            n_threads_batch=self.threads_batch or self.threads,
+            flash_attn=self.flash_attn,
+            kv_unified=self.kv_unified,
+        )
+        return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap)
+
+
+def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:
+    """Build settings from CLI overrides, the environment and an optional TOML file."""
+    config_file = config_file or _env_config_file()
+    if config_file is None:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    return _FileSettings(**overrides)  # type: ignore[arg-type]
+
+
+def _env_config_file() -> Path | None:
+    value = os.environ.get("PENSIEVE_CONFIG")
+    return Path(value) if value else None

@@ -1,0 +1,271 @@
+"""The API server's handle on one model's worker process.
+
+    event loop --(outbox, sender thread)--> pipe --> worker
+    event loop <--(call_soon_threadsafe)-- reader thread <-- pipe <-- worker
+
+Neither thread ever blocks the event loop. If the worker dies, every request in flight gets a
+`WorkerCrashed` error and the next request starts a fresh worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from pensieve.engine.engine import EngineConfig
+from pensieve.engine.types import (
+    AbortRequest,
+    EngineRequest,
+    ModelInfo,
+    RequestAccepted,
+    RequestRejected,
+    SeqOutput,
+    Shutdown,
+    StepOutput,
+    TokenizeRequest,
+    TokenizeResult,
+    WorkerFailed,
+    WorkerReady,
+)
+from pensieve.engine.worker import run_worker
+from pensieve.errors import EngineError, InvalidRequest, ModelLoadError, WorkerCrashed
+
+log = logging.getLogger("pensieve.client")
+
+_LOAD_TIMEOUT_S = 300.0
+_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Crash:
+    message: str
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_batch_tokens: int = 0
+    num_restarts: int = 0
+
+
+class EngineClient:
+    """Starts, feeds and watches one worker process."""
+
+    def __init__(self, name: str, config: EngineConfig, *, log_level: int = logging.INFO):
+        self.name = name
+        self.config = config
+        self.info: ModelInfo | None = None
+        self.stats = EngineStats()
+        self._log_level = log_level
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[object]] = {}
+        self._start_lock = asyncio.Lock()
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._generation = 0  # bumps on every (re)start, so stale threads stand down
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.is_alive() and self.info is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def ensure_started(self) -> ModelInfo:
+        async with self._start_lock:
+            if self.is_running and self.info is not None:
+                return self.info
+            if self._proc is not None:
+                self.stats.num_restarts += 1
+                log.warning("restarting the worker for %s", self.name)
+            self._loop = asyncio.get_running_loop()
+            self.info = await asyncio.to_thread(self._spawn_and_wait)
+            self._start_threads()
+            return self.info
+
+    def _spawn_and_wait(self) -> ModelInfo:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=run_worker, args=(child, self.config, self._log_level),
+                           name=f"pensieve-worker-{self.name}", daemon=True)
+        started = time.perf_counter()
+        proc.start()
+        child.close()
+        reply = _wait_for_reply(parent, proc)
+        if isinstance(reply, WorkerFailed):
+            proc.join(_STOP_TIMEOUT_S)
+            raise ModelLoadError(f"Could not load model {self.name!r}: {reply.message}")
+        assert isinstance(reply, WorkerReady)
+        info = reply.info
+        log.info(
+            "model %s loaded from %s in %.2fs (worker pid %d): %s, %.1f MiB, n_ctx=%d, "
+            "per-sequence limit=%d, parallel=%d",
+            self.name, info.path, time.perf_counter() - started, proc.pid, info.description,
+            info.size_bytes / 2**20, info.n_ctx, info.n_ctx_seq, info.n_seq_max,
+        )
+        self._proc, self._conn = proc, parent
+        return info
+
+    def _start_threads(self) -> None:
+        self._generation += 1
+        self._outbox = queue.SimpleQueue()
+        args = (self._conn, self._outbox, self._generation)
+        threading.Thread(target=self._send_loop, args=args, daemon=True,
+                         name=f"pensieve-send-{self.name}").start()
+        threading.Thread(target=self._read_loop, args=(self._conn, self._generation),
+                         daemon=True, name=f"pensieve-read-{self.name}").start()
+
+    async def stop(self) -> None:
+        """Ask the worker to exit, then make sure it has."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._outbox.put(Shutdown())
+        await asyncio.to_thread(proc.join, _STOP_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join, _STOP_TIMEOUT_S)
+        self._proc = None
+        self.info = None
+
+    # --- threads -----------------------------------------------------------------------------
+    def _send_loop(self, conn: Connection, outbox: queue.SimpleQueue[object], gen: int) -> None:
+        while gen == self._generation:
+            msg = outbox.get()
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):
+                return
+            if isinstance(msg, Shutdown):
+                return
+
+    def _read_loop(self, conn: Connection, gen: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            loop.call_soon_threadsafe(self._dispatch, msg)
+        self._outbox.put(Shutdown())  # lets the sender thread end
+        loop.call_soon_threadsafe(self._on_worker_exit, gen)
+
+    def _dispatch(self, msg: StepOutput) -> None:
+        self.stats.num_running = msg.num_running
+        self.stats.num_waiting = msg.num_waiting
+        self.stats.num_batch_tokens = msg.num_batch_tokens
+        for out in msg.outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _on_worker_exit(self, gen: int) -> None:
+        if gen != self._generation:
+            return
+        proc = self._proc
+        code = proc.exitcode if proc is not None else None
+        if proc is not None:
+            proc.join(1.0)
+            code = proc.exitcode
+        self.info = None
+        if self._streams:
+            message = (
+                f"The worker serving model {self.name!r} exited unexpectedly "
+                f"({_describe_exit(code)}) while this request was in flight. It is restarted "
+                "on the next request; retry."
+            )
+            log.error("%s (%d requests failed)", message, len(self._streams))
+            for stream in self._streams.values():
+                stream.put_nowait(_Crash(message))
+
+    # --- requests ----------------------------------------------------------------------------
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}-{time.monotonic_ns():x}"
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[SeqOutput | RequestAccepted]:
+        """Stream a request's outputs: first `RequestAccepted`, then `SeqOutput`s of all choices.
+
+        Leaving the iteration early (the client went away) aborts the request in the worker.
+        """
+        await self.ensure_started()
+        stream: asyncio.Queue[object] = asyncio.Queue()
+        rid = request.request_id
+        self._streams[rid] = stream
+        num_open = request.params.n
+        try:
+            self._outbox.put(request)
+            while num_open > 0:
+                item = await stream.get()
+                _raise_for(item)
+                if isinstance(item, SeqOutput) and item.finish_reason is not None:
+                    num_open -= 1
+                yield item  # type: ignore[misc]
+        finally:
+            self._streams.pop(rid, None)
+            if num_open > 0 and self.is_running:
+                self._outbox.put(AbortRequest(rid))
+
+    async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        await self.ensure_started()
+        rid = self.new_request_id("tok")
+        stream: asyncio.Queue[object] = asyncio.Queue()
+        self._streams[rid] = stream
+        try:
+            self._outbox.put(TokenizeRequest(rid, text, add_special))
+            item = await stream.get()
+            _raise_for(item)
+            assert isinstance(item, TokenizeResult)
+            return list(item.tokens)
+        finally:
+            self._streams.pop(rid, None)
+
+
+def _raise_for(item: object) -> None:
+    if isinstance(item, _Crash):
+        raise WorkerCrashed(item.message, code="worker_crashed")
+    if isinstance(item, RequestRejected):
+        raise InvalidRequest(item.message, param=item.param, code=item.code)
+    if isinstance(item, SeqOutput) and item.error is not None:
+        raise EngineError(item.error, code="engine_error")
+
+
+def _wait_for_reply(conn: Connection, proc: multiprocessing.process.BaseProcess) -> object:
+    deadline = time.monotonic() + _LOAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if conn.poll(0.1):
+            try:
+                return conn.recv()
+            except EOFError:
+                break
+        if not proc.is_alive():
+            break
+    proc.join(1.0)
+    if proc.is_alive():
+        proc.kill()
+        raise ModelLoadError(f"the model worker did not load within {_LOAD_TIMEOUT_S:.0f}s")
+    raise ModelLoadError(
+        f"the model worker exited while loading the model ({_describe_exit(proc.exitcode)}); "
+        "the file may be corrupt or not a model llama.cpp supports"
+    )
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"

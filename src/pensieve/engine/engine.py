@@ -1,0 +1,273 @@
+"""The engine: requests in, one batched `llama_decode` per step, token outputs out.
+
+Each `step()` reads as schedule -> run -> postprocess. The engine is single-threaded and owns the
+llama context; the worker process drives it (see worker.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.llama import Batch, Context, ContextConfig, Model, Sampler
+from pensieve.engine.scheduler import ScheduledChunk, Scheduler
+from pensieve.engine.sequence import Sequence
+from pensieve.engine.types import (
+    EngineRequest,
+    FinishReason,
+    ModelInfo,
+    RequestAccepted,
+    RequestRejected,
+    SeqOutput,
+    TokenLogprob,
+)
+
+log = logging.getLogger("pensieve.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_path: str
+    context: ContextConfig
+    use_mmap: bool = True
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.model = Model(config.model_path, use_mmap=config.use_mmap)
+        try:
+            self.ctx = Context(self.model, config.context)
+        except Exception:
+            self.model.close()
+            raise
+        self.batch = Batch(self.ctx.n_batch)
+        self.n_ctx_limit = min(self.ctx.n_ctx_seq, self.model.n_ctx_train() or self.ctx.n_ctx_seq)
+        self.scheduler = Scheduler(
+            n_seq_max=self.ctx.n_seq_max, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch
+        )
+        self._requests: dict[str, list[Sequence]] = {}
+        self.num_batch_tokens = 0
+
+    def close(self) -> None:
+        for group in self._requests.values():
+            for seq in group:
+                seq.release()
+        self._requests.clear()
+        self.ctx.close()
+        self.model.close()
+
+    def info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(
+            path=m.path,
+            description=m.description(),
+            size_bytes=m.size_bytes(),
+            num_params=m.num_params(),
+            n_ctx=self.ctx.n_ctx,
+            n_ctx_seq=self.n_ctx_limit,
+            n_ctx_train=m.n_ctx_train(),
+            n_seq_max=self.ctx.n_seq_max,
+            n_vocab=m.n_vocab,
+            chat_template=m.chat_template(),
+            bos_token=m.token_text(m.bos),
+            eos_token=m.token_text(m.eos),
+            add_bos=m.add_bos,
+            load_seconds=m.load_seconds,
+            metadata=m.metadata(),
+        )
+
+    # --- requests ---------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        tokens = self.model.tokenize(text, add_special=add_special)
+        bos = self.model.bos
+        if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+            tokens = tokens[1:]  # the chat template already wrote BOS
+        return tokens
+
+    def add_request(self, req: EngineRequest) -> RequestAccepted | RequestRejected:
+        if req.request_id in self._requests:
+            return RequestRejected(req.request_id, "duplicate request id")
+        if req.prompt_tokens is not None:
+            tokens = list(req.prompt_tokens)
+        else:
+            tokens = self.tokenize(req.prompt or "", req.add_special)
+        problem = self._validate(tokens)
+        if problem is not None:
+            return RequestRejected(req.request_id, problem[0], param=problem[1],
+                                   code=problem[2])
+        group = self._make_group(req, tokens)
+        self._requests[req.request_id] = group
+        self.scheduler.add(group)
+        return RequestAccepted(req.request_id, len(tokens))
+
+    def _validate(self, tokens: list[int]) -> tuple[str, str, str] | None:
+        if not tokens:
+            return ("The prompt is empty: send at least one token of input.", "messages",
+                    "empty_prompt")
+        if len(tokens) >= self.n_ctx_limit:
+            return (
+                f"This model's maximum context length is {self.n_ctx_limit} tokens, but the "
+                f"prompt is {len(tokens)} tokens long. Shorten the prompt, or start the server "
+                "with a larger --ctx-size (or fewer --parallel sequences when the KV cache is "
+                "split per sequence).",
+                "messages",
+                "context_length_exceeded",
+            )
+        bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
+        if bad:
+            return (f"Token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1}).",
+                    "prompt", "invalid_token")
+        return None
+
+    def _make_group(self, req: EngineRequest, tokens: list[int]) -> list[Sequence]:
+        p = req.params
+        room = self.n_ctx_limit - len(tokens)
+        max_tokens = min(p.max_tokens, room) if p.max_tokens is not None else room
+        base_seed = p.seed if p.seed is not None else random.getrandbits(31)
+        group: list[Sequence] = []
+        for i in range(p.n):
+            seq = Sequence(
+                request_id=req.request_id,
+                index=i,
+                params=p,
+                tokens=list(tokens),
+                num_prompt=len(tokens),
+                max_tokens=max_tokens,
+                detok=IncrementalDetokenizer(self.model.piece, p.stop),
+                sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
+                leader=group[0] if group else None,
+            )
+            group.append(seq)
+        group[0].followers = group[1:]
+        return group
+
+    def abort(self, request_id: str) -> None:
+        group = self._requests.pop(request_id, None)
+        if group is None:
+            return
+        self.scheduler.remove_request(request_id, self.ctx.seq_remove)
+        for seq in group:
+            seq.release()
+
+    # --- the step ---------------------------------------------------------------------------
+    def step(self) -> list[SeqOutput]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        sample_at = self._fill_batch(plan)
+        rc = self.ctx.decode(self.batch)
+        if rc == 1:
+            return self._on_no_kv_room()
+        if rc != 0:
+            return self._fail_plan(plan, f"llama_decode failed with code {rc}")
+        self.num_batch_tokens = self.batch.num_tokens
+        for chunk in plan:
+            chunk.seq.num_computed += chunk.count
+        return self._postprocess(plan, sample_at)
+
+    def _fill_batch(self, plan: list[ScheduledChunk]) -> dict[int, int]:
+        """Pack the plan into the batch; returns batch index to sample from, per sequence."""
+        self.batch.clear()
+        sample_at: dict[int, int] = {}
+        for chunk in plan:
+            seq = chunk.seq
+            tokens = seq.tokens[chunk.start : chunk.start + chunk.count]
+            assert seq.seq_id is not None
+            idx = self.batch.add(tokens, chunk.start, seq.seq_id, chunk.completes)
+            if chunk.completes:
+                sample_at[id(seq)] = idx
+        return sample_at
+
+    def _postprocess(self, plan: list[ScheduledChunk], sample_at: dict[int, int]) -> list[SeqOutput]:
+        outputs: list[SeqOutput] = []
+        for chunk in plan:
+            leader = chunk.seq
+            forked = self._fork_followers(leader) if leader.followers else []
+            idx = sample_at.get(id(leader))
+            if idx is None:
+                continue
+            for seq in [leader, *[f for f in forked if f.num_pending == 0]]:
+                outputs.append(self._sample(seq, idx))
+        return outputs
+
+    def _fork_followers(self, leader: Sequence) -> list[Sequence]:
+        """n > 1: once the leader's prompt KV exists, copy it to the waiting followers."""
+        if leader.num_computed < leader.num_prompt:
+            return []
+        forked = []
+        for f in leader.followers:
+            if f.waits_for_leader and f.seq_id is not None and not f.is_finished:
+                assert leader.seq_id is not None
+                self.ctx.seq_copy(leader.seq_id, f.seq_id, 0, leader.num_prompt)
+                f.num_computed = f.num_prompt
+                forked.append(f)
+        return forked
+
+    def _sample(self, seq: Sequence, idx: int) -> SeqOutput:
+        token = seq.sampler.sample(self.ctx, idx)  # leaves the context's logits untouched
+        seq.tokens.append(token)
+        out = SeqOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=[token],
+            num_prompt_tokens=seq.num_prompt,
+            num_output_tokens=seq.num_output,
+        )
+        if seq.params.logprobs:
+            out.logprobs = [self._logprob(idx, token, seq.params.top_logprobs)]
+        if self.model.is_eog(token) and not seq.params.ignore_eos:
+            out.text = seq.detok.flush()
+            return self._finish(seq, out, FinishReason.STOP)
+        out.text = seq.detok.add_token(token)
+        if seq.detok.stopped:
+            return self._finish(seq, out, FinishReason.STOP)
+        if seq.num_output >= seq.max_tokens or len(seq.tokens) >= self.n_ctx_limit:
+            out.text += seq.detok.flush()
+            return self._finish(seq, out, FinishReason.LENGTH)
+        return out
+
+    def _logprob(self, idx: int, token: int, num_top: int) -> TokenLogprob:
+        """Log-softmax of the raw logits, computed by numpy on llama.cpp's own buffer."""
+        logits = self.ctx.logits(idx)
+        peak = float(logits.max())
+        lse = peak + float(np.log(np.exp(logits - peak).sum()))
+        top: tuple[tuple[int, bytes, float], ...] = ()
+        if num_top > 0:
+            ids = np.argpartition(logits, -num_top)[-num_top:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            top = tuple((int(t), self.model.piece(int(t)), float(logits[t]) - lse) for t in ids)
+        return TokenLogprob(token, self.model.piece(token), float(logits[token]) - lse, top)
+
+    def _finish(self, seq: Sequence, out: SeqOutput, reason: FinishReason) -> SeqOutput:
+        out.finish_reason = reason
+        out.num_output_tokens = seq.num_output
+        seq.finish_reason = reason
+        self.scheduler.finish(seq, self.ctx.seq_remove)
+        group = self._requests.get(seq.request_id)
+        if group is not None and all(s.is_finished for s in group):
+            for s in self._requests.pop(seq.request_id):
+                s.release()
+        return out
+
+    def _on_no_kv_room(self) -> list[SeqOutput]:
+        victim = self.scheduler.preempt_newest(self.ctx.seq_remove)
+        if victim is not None:
+            log.warning("KV cache full: request %s preempted, to be recomputed", victim.request_id)
+        return []
+
+    def _fail_plan(self, plan: list[ScheduledChunk], message: str) -> list[SeqOutput]:
+        log.error("%s; failing %d sequences", message, len(plan))
+        outputs = []
+        for chunk in plan:
+            seq = chunk.seq
+            out = SeqOutput(seq.request_id, seq.index, error=message,
+                            num_prompt_tokens=seq.num_prompt)
+            outputs.append(self._finish(seq, out, FinishReason.ERROR))
+        return outputs

@@ -1,0 +1,327 @@
+"""Thin, checked wrappers over llama.cpp's low-level C API (through llama-cpp-python's ctypes).
+
+Only this module touches `llama_cpp`. Every return code is checked where it is called, and native
+objects are freed in a defined order: samplers, batch, context, model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass
+
+import llama_cpp as C
+import numpy as np
+
+from pensieve.engine.types import SamplingParams
+
+log = logging.getLogger("pensieve.llama")
+
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Its INFO lines are load chatter.
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_log_callback_ref: object = None  # keeps the C callback alive for the life of the process
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused or failed an operation."""
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its log lines into `logging`."""
+    global _log_callback_ref
+    native = logging.getLogger("pensieve.llama.native")
+
+    @C.llama_log_callback
+    def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace").rstrip()
+        if message:
+            native.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", message)
+
+    _log_callback_ref = _on_log
+    C.llama_log_set(_on_log, ctypes.c_void_p(0))
+    C.llama_backend_init()
+
+
+@dataclass(frozen=True, slots=True)
+class ContextConfig:
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int
+    n_threads_batch: int
+    flash_attn: str  # "auto" | "on" | "off"
+    kv_unified: bool
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary."""
+
+    def __init__(self, path: str, *, use_mmap: bool = True) -> None:
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_mmap = use_mmap
+        started = time.perf_counter()
+        handle = C.llama_model_load_from_file(path.encode(), params)
+        if not handle:
+            raise LlamaError(f"llama.cpp could not load the model file {path!r}")
+        self.handle = handle
+        self.load_seconds = time.perf_counter() - started
+        self.path = path
+        self.vocab = C.llama_model_get_vocab(handle)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._token_buf = (C.llama_token * 4096)()
+        self.eog_ids = tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+
+    def close(self) -> None:
+        if self.handle:
+            C.llama_model_free(self.handle)
+            self.handle = None
+
+    # --- metadata -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        buf = ctypes.create_string_buffer(1 << 16)
+        result: dict[str, str] = {}
+        for i in range(C.llama_model_meta_count(self.handle)):
+            if C.llama_model_meta_key_by_index(self.handle, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", errors="replace")
+            n = C.llama_model_meta_val_str_by_index(self.handle, i, buf, len(buf))
+            if n >= 0:
+                result[key] = buf.value.decode("utf-8", errors="replace")
+        return result
+
+    def chat_template(self) -> str | None:
+        raw = C.llama_model_chat_template(self.handle, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        C.llama_model_desc(self.handle, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def size_bytes(self) -> int:
+        return int(C.llama_model_size(self.handle))
+
+    def num_params(self) -> int:
+        return int(C.llama_model_n_params(self.handle))
+
+    def n_ctx_train(self) -> int:
+        return int(C.llama_model_n_ctx_train(self.handle))
+
+    # --- vocabulary -----------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8", errors="replace")
+        buf = self._token_buf
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            buf = (C.llama_token * (-n))()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special,
+                                 parse_special)
+            if n < 0:
+                raise LlamaError("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders to in generated text (control tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        piece = buf.raw[: max(n, 0)]
+        self._pieces[token] = piece
+        return piece
+
+    def token_text(self, token: int) -> str:
+        """A token's text including special tokens (for templates: BOS, EOS)."""
+        if token < 0:
+            return ""
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+
+    @property
+    def bos(self) -> int:
+        return int(C.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        return int(C.llama_vocab_eos(self.vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(C.llama_vocab_get_add_bos(self.vocab))
+
+
+_FLASH_ATTN = {
+    "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class Context:
+    """One llama context shared by all sequences of a model, each under its own seq_id."""
+
+    def __init__(self, model: Model, config: ContextConfig) -> None:
+        params = C.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_ubatch
+        params.n_seq_max = config.n_seq_max
+        params.n_threads = config.n_threads
+        params.n_threads_batch = config.n_threads_batch
+        params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+        params.kv_unified = config.kv_unified
+        params.no_perf = True
+        handle = C.llama_init_from_model(model.handle, params)
+        if not handle:
+            raise LlamaError(
+                f"llama.cpp could not create a context (n_ctx={config.n_ctx}, "
+                f"n_seq_max={config.n_seq_max}); try a smaller --ctx-size or --parallel"
+            )
+        self.handle = handle
+        self.model = model
+        self.memory = C.llama_get_memory(handle)
+        self.n_ctx = int(C.llama_n_ctx(handle))
+        self.n_ctx_seq = int(C.llama_n_ctx_seq(handle))
+        self.n_batch = int(C.llama_n_batch(handle))
+        self.n_seq_max = config.n_seq_max
+
+    def close(self) -> None:
+        if self.handle:
+            C.llama_free(self.handle)
+            self.handle = None
+
+    def decode(self, batch: Batch) -> int:
+        """Run one forward pass; returns llama_decode's code (0 ok, 1 no KV slot, else error)."""
+        return int(C.llama_decode(self.handle, batch.struct))
+
+    def logits(self, idx: int) -> np.ndarray:
+        """A zero-copy view of the logits of batch position `idx` (valid until the next decode)."""
+        ptr = C.llama_get_logits_ith(self.handle, idx)
+        if not ptr:
+            raise LlamaError(f"no logits for batch index {idx}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(C.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        C.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+
+
+class Batch:
+    """A llama_batch whose arrays are numpy buffers we own, so filling it is vectorised.
+
+    Each token has exactly one seq_id; `seq_id[i]` points at `self._seq[i]`.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self._seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self._seq.ctypes.data
+        self._seq_ptrs = (ctypes.POINTER(C.llama_seq_id) * capacity)(
+            *[ctypes.cast(base + 4 * i, ctypes.POINTER(C.llama_seq_id)) for i in range(capacity)]
+        )
+        self.struct = C.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(C.llama_token))
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = self._seq_ptrs
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.num_tokens = 0
+
+    def clear(self) -> None:
+        self.num_tokens = 0
+
+    def add(self, tokens: list[int], start_pos: int, seq_id: int, want_logits: bool) -> int:
+        """Append a run of one sequence's tokens; returns the batch index of its last token."""
+        n = len(tokens)
+        i = self.num_tokens
+        if i + n > self.capacity:
+            raise ValueError("batch overflow")
+        self.token[i : i + n] = tokens
+        self.pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self._seq[i : i + n] = seq_id
+        self.logits[i : i + n] = 0
+        if want_logits:
+            self.logits[i + n - 1] = 1
+        self.num_tokens = i + n
+        self.struct.n_tokens = self.num_tokens
+        return i + n - 1
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one sequence, built from its SamplingParams."""
+
+    def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
+        chain_params = C.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self.handle = C.llama_sampler_chain_init(chain_params)
+        if not self.handle:
+            raise LlamaError("could not create a sampler chain")
+        for stage in _sampler_stages(model, params, seed):
+            if not stage:
+                raise LlamaError("could not create a sampler stage")
+            C.llama_sampler_chain_add(self.handle, stage)  # the chain owns it from here
+
+    def sample(self, ctx: Context, idx: int) -> int:
+        """Sample (and accept) the next token from batch position `idx`."""
+        return int(C.llama_sampler_sample(self.handle, ctx.handle, idx))
+
+    def close(self) -> None:
+        if self.handle:
+            C.llama_sampler_free(self.handle)
+            self.handle = None
+
+
+def _sampler_stages(model: Model, p: SamplingParams, seed: int) -> list[object]:
+    stages: list[object] = []
+    if p.logit_bias:
+        biases = (C.llama_logit_bias * len(p.logit_bias))(
+            *[C.llama_logit_bias(token, bias) for token, bias in p.logit_bias]
+        )
+        stages.append(C.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
+    if p.ignore_eos and model.eog_ids:
+        banned = (C.llama_logit_bias * len(model.eog_ids))(
+            *[C.llama_logit_bias(t, float("-inf")) for t in model.eog_ids]
+        )
+        stages.append(C.llama_sampler_init_logit_bias(model.n_vocab, len(banned), banned))
+    if p.has_penalties:
+        stages.append(
+            C.llama_sampler_init_penalties(
+                model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+            )
+        )
+    if p.is_greedy:
+        stages.append(C.llama_sampler_init_greedy())
+        return stages
+    if p.top_k > 0:
+        stages.append(C.llama_sampler_init_top_k(p.top_k))
+    if p.top_p < 1.0:
+        stages.append(C.llama_sampler_init_top_p(p.top_p, 1))
+    if p.min_p > 0.0:
+        stages.append(C.llama_sampler_init_min_p(p.min_p, 1))
+    stages.append(C.llama_sampler_init_temp(p.temperature))
+    stages.append(C.llama_sampler_init_dist(seed))
+    return stages

@@ -1,0 +1,136 @@
+"""Decides, each step, which tokens of which sequences go into the one `llama_decode` call.
+
+Policy (continuous batching with chunked prefill):
+1. every running sequence that is decoding gets its one new token;
+2. sequences still catching up on their prompt get chunks, oldest first, from what is left of the
+   step's token budget, so a long prompt never stalls the running streams;
+3. waiting requests are admitted, oldest first, while a seq_id, the token budget and KV cells allow.
+When llama.cpp finds no KV room anyway, the newest running request is preempted: its KV is dropped
+and it goes back to the head of the queue to be recomputed later (its tokens are kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pensieve.engine.sequence import Sequence, SeqStatus
+
+FreeKV = Callable[[int], object]  # drops one seq_id's cells from the llama context
+
+# Cells set aside for each running sequence's next tokens when admitting a new one.
+_DECODE_HEADROOM = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first token index (== its KV position)
+    count: int
+
+    @property
+    def completes(self) -> bool:
+        """After this chunk the sequence has computed all its tokens and samples the next one."""
+        return self.start + self.count == len(self.seq.tokens)
+
+
+class Scheduler:
+    def __init__(self, *, n_seq_max: int, n_ctx: int, token_budget: int) -> None:
+        self.n_ctx = n_ctx
+        self.token_budget = token_budget
+        self.waiting: deque[list[Sequence]] = deque()  # one group (the n choices) per request
+        self.running: list[Sequence] = []
+        self._free_ids = list(range(n_seq_max - 1, -1, -1))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, group: list[Sequence]) -> None:
+        self.waiting.append(group)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.token_budget
+        plan: list[ScheduledChunk] = []
+        for seq in self.running:
+            if seq.is_decoding:
+                plan.append(ScheduledChunk(seq, seq.num_computed, 1))
+                budget -= 1
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if not seq.is_decoding and not seq.waits_for_leader:
+                count = min(seq.num_pending, budget)
+                plan.append(ScheduledChunk(seq, seq.num_computed, count))
+                budget -= count
+        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
+            group = self.waiting.popleft()
+            self._admit(group)
+            leader = group[0]
+            count = min(leader.num_pending, budget)
+            plan.append(ScheduledChunk(leader, leader.num_computed, count))
+            budget -= count
+        return plan
+
+    def _can_admit(self, group: list[Sequence]) -> bool:
+        if len(self._free_ids) < len(group):
+            return False
+        used = sum(len(s.tokens) for s in self.running)
+        reserve = _DECODE_HEADROOM * (len(self.running) + len(group))
+        needed = len(group[0].tokens) + sum(s.num_output for s in group[1:])
+        return used + needed + reserve <= self.n_ctx or not self.running
+
+    def _admit(self, group: list[Sequence]) -> None:
+        for seq in group:
+            seq.seq_id = self._free_ids.pop()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+
+    def preempt_newest(self, free_kv: FreeKV) -> Sequence | None:
+        """Take the most recently admitted request's group off the context (for recompute)."""
+        if not self.running:
+            return None
+        newest = self.running[-1]
+        leader = newest.leader or newest
+        group = [leader, *leader.followers]
+        for seq in group:
+            if seq in self.running:
+                self._evict(seq, free_kv)
+                seq.status = SeqStatus.WAITING
+                seq.num_computed = 0
+        alive = [s for s in group if not s.is_finished]
+        if leader.is_finished:  # nobody left to fork from: each recomputes its own tokens
+            for seq in alive:
+                seq.leader = None
+        self.waiting.appendleft(alive)
+        return leader
+
+    def finish(self, seq: Sequence, free_kv: FreeKV) -> None:
+        """Remove a sequence from the running set, drop its KV and give back its seq_id."""
+        self._evict(seq, free_kv)
+        seq.status = SeqStatus.FINISHED
+
+    def remove_request(self, request_id: str, free_kv: FreeKV) -> None:
+        """Drop every sequence of a request, waiting or running."""
+        for group in [g for g in self.waiting if g and g[0].request_id == request_id]:
+            self.waiting.remove(group)
+            for seq in group:
+                seq.status = SeqStatus.FINISHED
+        for seq in [s for s in self.running if s.request_id == request_id]:
+            self.finish(seq, free_kv)
+
+    def _evict(self, seq: Sequence, free_kv: FreeKV) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.seq_id is not None:
+            free_kv(seq.seq_id)
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = None

@@ -1,0 +1,65 @@
+"""The state of one sequence (one choice of one request) inside the engine.
+
+A sequence's KV catches up with its token list, vLLM-v1 style: there is no separate prefill
+phase, only `num_computed` trailing `len(tokens)`.
+
+    tokens:  [ prompt ............ | output ....... ]
+              ^0                   ^num_prompt      ^len(tokens)
+              |-- KV in context --|^num_computed
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.llama import Sampler
+from pensieve.engine.types import FinishReason, SamplingParams
+
+
+class SeqStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    index: int
+    params: SamplingParams
+    tokens: list[int]
+    num_prompt: int
+    max_tokens: int
+    detok: IncrementalDetokenizer
+    sampler: Sampler
+    leader: Sequence | None = None  # n > 1: forks the leader's prompt KV instead of computing it
+    seq_id: int | None = None
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    followers: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_pending == 1 and self.num_computed >= self.num_prompt
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    @property
+    def waits_for_leader(self) -> bool:
+        return self.leader is not None and self.num_computed == 0
+
+    def release(self) -> None:
+        self.sampler.close()

@@ -1,0 +1,168 @@
+"""Plain dataclasses that cross the process boundary between the API server and an engine worker.
+
+Everything here is picklable and free of native handles: the HTTP process builds `EngineRequest`s,
+the worker answers with `StepOutput`s, one message per engine step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # the client went away or the request was cancelled
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request samples. `temperature == 0` means greedy."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repeat_penalty != 1.0
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One generation request. Exactly one of `prompt` (text) and `prompt_tokens` is set."""
+
+    request_id: str
+    params: SamplingParams
+    prompt: str | None = None
+    prompt_tokens: tuple[int, ...] | None = None
+    add_special: bool = True  # let the tokenizer add BOS where the model wants one
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    token: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass(slots=True)
+class SeqOutput:
+    """What one choice of one request produced in one step."""
+
+    request_id: str
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAccepted:
+    """Sent once the worker has tokenized and validated a request."""
+
+    request_id: str
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """Sent instead of `RequestAccepted` when a request cannot be served (bad input)."""
+
+    request_id: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    request_id: str
+    text: str
+    add_special: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    request_id: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """Everything one engine step produced, sent as one message to keep IPC cheap."""
+
+    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult]
+    num_running: int = 0
+    num_waiting: int = 0
+    num_batch_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the worker learned while loading the model; sent once, after a successful load."""
+
+    path: str
+    description: str
+    size_bytes: int
+    num_params: int
+    n_ctx: int
+    n_ctx_seq: int
+    n_ctx_train: int
+    n_seq_max: int
+    n_vocab: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    load_seconds: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    info: ModelInfo
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed:
+    message: str

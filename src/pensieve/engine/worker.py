@@ -1,0 +1,80 @@
+"""The worker process: owns one model's engine and runs its step loop.
+
+It talks to the API server over one duplex pipe: requests and aborts come in, one `StepOutput`
+per step goes out. A crash in here (native or Python) only ends this process; the API server
+fails the in-flight requests and starts a new worker on the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from multiprocessing.connection import Connection
+
+from pensieve.engine.engine import Engine, EngineConfig
+from pensieve.engine.llama import init_backend
+from pensieve.engine.types import (
+    AbortRequest,
+    EngineRequest,
+    Shutdown,
+    StepOutput,
+    TokenizeRequest,
+    TokenizeResult,
+    WorkerFailed,
+    WorkerReady,
+)
+
+log = logging.getLogger("pensieve.worker")
+
+
+def run_worker(conn: Connection, config: EngineConfig, log_level: int) -> None:
+    """Process entry point (spawned): load the model, report, then serve until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s"
+    )
+    init_backend()
+    try:
+        engine = Engine(config)
+    except Exception as exc:  # a bad model file or settings: tell the server why, then exit
+        conn.send(WorkerFailed(str(exc)))
+        return
+    conn.send(WorkerReady(engine.info()))
+    log.info("worker %d serving %s", os.getpid(), config.model_path)
+    try:
+        _serve(conn, engine)
+    except (EOFError, BrokenPipeError):
+        log.info("API server went away; worker exiting")
+    finally:
+        engine.close()
+
+
+def _serve(conn: Connection, engine: Engine) -> None:
+    while True:
+        replies: list = []
+        timeout: float | None = 0.0 if engine.has_work() else None
+        while conn.poll(timeout):
+            msg = conn.recv()
+            if isinstance(msg, Shutdown):
+                return
+            reply = _handle(engine, msg)
+            if reply is not None:
+                replies.append(reply)
+            timeout = 0.0
+        outputs = engine.step() if engine.has_work() else []
+        if replies or outputs:
+            sched = engine.scheduler
+            conn.send(StepOutput([*replies, *outputs], sched.num_running, sched.num_waiting,
+                                 engine.num_batch_tokens))
+
+
+def _handle(engine: Engine, msg: object) -> object | None:
+    if isinstance(msg, EngineRequest):
+        return engine.add_request(msg)
+    if isinstance(msg, AbortRequest):
+        engine.abort(msg.request_id)
+        return None
+    if isinstance(msg, TokenizeRequest):
+        return TokenizeResult(msg.request_id, tuple(engine.tokenize(msg.text, msg.add_special)))
+    raise TypeError(f"unexpected message {type(msg).__name__}")

@@ -1,0 +1,72 @@
+"""`pensieve serve`: resolve the model, build the app, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import uvicorn
+from rich.console import Console
+
+from pensieve.api.app import create_app
+from pensieve.config import Settings
+from pensieve.engine.client import EngineClient
+from pensieve.runtime import ModelRuntime
+from pensieve.store.default_model import (
+    DEFAULT_MODEL_NAME,
+    DefaultModelUnavailable,
+    ensure_default_model,
+)
+
+log = logging.getLogger("pensieve")
+console = Console(stderr=True)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def model_name_for(path: Path) -> str:
+    stem = path.name.removesuffix(".gguf")
+    return re.sub(r"[^a-z0-9._:-]+", "-", stem.lower()).strip("-") or "model"
+
+
+def resolve_model(settings: Settings) -> tuple[str, Path]:
+    if settings.model is None:
+        path = ensure_default_model(settings.data_dir)
+        return settings.model_alias or DEFAULT_MODEL_NAME, path
+    path = Path(settings.model).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return settings.model_alias or model_name_for(path), path
+
+
+def serve(settings: Settings) -> int:
+    setup_logging(settings.log_level)
+    try:
+        name, path = resolve_model(settings)
+    except (FileNotFoundError, DefaultModelUnavailable) as exc:
+        console.print(f"[red]Cannot start:[/red] {exc}")
+        return 2
+    runtime = ModelRuntime()
+    level = logging.getLevelName(settings.log_level.upper())
+    runtime.add(name, EngineClient(name, settings.engine_config(str(path)), log_level=level))
+    app = create_app(runtime)
+    _print_banner(settings, name)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _print_banner(settings: Settings, name: str) -> None:
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(
+        f"[bold]Pensieve[/bold] serving [cyan]{name}[/cyan] at {url} once loaded\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
+        f"\"content\": \"Hello\"}}]}}'\n"
+        f"  python: OpenAI(base_url=\"{url}/v1\", api_key=\"none\")",
+        highlight=False,
+    )
