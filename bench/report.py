@@ -74,6 +74,7 @@ def build_table(
     results: dict[str, dict[int, RunSummary]],
     concurrencies: list[int],
     skipped: dict[str, str],
+    extra_notes: list[str] | None = None,
 ) -> Table:
     """Lay the results out; servers without results get no columns."""
     servers = [name for name in results if results[name]]
@@ -90,7 +91,7 @@ def build_table(
             row += [render(summary) if summary else "-" for _, render in SERVER_COLUMNS]
         row += [_ratio(results, b, c) for b in baselines]
         rows.append(row)
-    return Table(title, headers, rows, _notes(results, skipped))
+    return Table(title, headers, rows, _notes(results, skipped) + (extra_notes or []))
 
 
 def render_plain(table: Table) -> str:

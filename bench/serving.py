@@ -38,6 +38,7 @@ log = logging.getLogger("bench.serving")
 DEFAULT_MODEL = Path("/root/.local/share/pensieve/default/SmolLM2-135M-Instruct.Q4_1.gguf")
 LOG_DIR = BENCH_DIR / ".logs"
 WARMUP_TOKENS = 8
+BUSY_WARNING = 0.15  # share of CPU time used by others before a server starts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,6 +63,26 @@ class BenchResults:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     commands: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     startup_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    busy_before: dict[str, float | None] = dataclasses.field(default_factory=dict)
+
+
+def busy_cpu_fraction(interval_s: float = 1.0) -> float | None:
+    """Share of all CPU time spent busy over a short interval (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total_0, idle_0 = sample()
+        time.sleep(interval_s)
+        total_1, idle_1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_1 - total_0
+    return None if total <= 0 else 1.0 - (idle_1 - idle_0) / total
 
 
 def requests_for(concurrency: int, fixed: int | None) -> int:
@@ -96,6 +117,13 @@ def bench_server(spec: ServerSpec, plan: BenchPlan, out: BenchResults) -> None:
         out.skipped[spec.name] = f"{spec.executable} not found; {spec.build_hint}"
         log.warning("skipping %s: %s", spec.name, out.skipped[spec.name])
         return
+    busy = out.busy_before[spec.name] = busy_cpu_fraction()
+    if busy is not None and busy > BUSY_WARNING:
+        log.warning(
+            "the CPUs were %.0f%% busy before %s started: figures will be low",
+            busy * 100,
+            spec.name,
+        )
     port = free_port()
     argv = spec.argv(
         model=plan.model, port=port, threads=plan.threads, parallel=plan.llama_server_parallel
@@ -135,6 +163,7 @@ def write_json(path: Path, plan: BenchPlan, out: BenchResults) -> None:
         "meta": _metadata(plan),
         "commands": out.commands,
         "startup_s": out.startup_s,
+        "busy_cpu_before": out.busy_before,
         "skipped": out.skipped,
         "results": {
             name: [s.to_dict() for s in runs.values()] for name, runs in out.results.items()
@@ -211,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{plan.model.name}, {plan.threads} threads, max_tokens {plan.sampling.max_tokens}, "
         f"llama-server -np {plan.llama_server_parallel}"
     )
-    table = build_table(title, out.results, plan.concurrencies, out.skipped)
+    busy_notes = [
+        f"{name}: CPUs {busy:.0%} busy before it started (others' load; figures are low)"
+        for name, busy in out.busy_before.items()
+        if busy is not None and busy > BUSY_WARNING
+    ]
+    table = build_table(title, out.results, plan.concurrencies, out.skipped, busy_notes)
     print_table(table)
     if args.markdown:
         print(render_markdown(table))

@@ -79,7 +79,7 @@ class ChatTemplate:
         except _TemplateRaised as exc:
             raise InvalidRequest(f"The model's chat template refused the messages: {exc}",
                                  param="messages", code="template_error") from exc
-        except (TemplateError, TypeError, ValueError, KeyError, IndexError,
+        except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError,
                 AttributeError, RecursionError) as exc:
             raise InvalidRequest(
                 f"The model's chat template could not render these messages: {exc}",

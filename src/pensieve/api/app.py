@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pensieve import __version__
 from pensieve.api import openai
 from pensieve.api.errors import install_error_handlers
+from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
 
 log = logging.getLogger("pensieve.api")
@@ -37,8 +38,14 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
         models = request.app.state.runtime.models()
         ready = any(m.client.is_running for m in models)
         status = {"status": "ok" if ready else "loading",
-                  "models": {m.name: ("ready" if m.client.is_running else "not loaded")
-                             for m in models}}
+                  "models": {m.name: _model_status(m.client) for m in models}}
         return JSONResponse(status, status_code=200)
 
     return app
+
+
+def _model_status(client: EngineClient) -> dict[str, object]:
+    stats = client.stats
+    return {"state": "ready" if client.is_running else "not loaded", "pid": client.pid,
+            "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+            "num_restarts": stats.num_restarts}

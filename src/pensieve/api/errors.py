@@ -35,7 +35,7 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if not errors:
         return "Invalid request.", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('msg')}", None
@@ -45,6 +45,13 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     where = f" at '{param}'" if param else ""
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"Invalid value{where}: {msg}{more}", param
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic puts union member names ('str', 'list[int]', ...) into error locations."""
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "function-after"}
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -42,7 +42,8 @@ async def start(client: EngineClient, request: EngineRequest, offset: int = 0) -
     return Generation(first.num_prompt_tokens, stream, offset)  # type: ignore[arg-type]
 
 
-async def start_all(client: EngineClient, requests: list[EngineRequest], n: int) -> list[Generation]:
+async def start_all(client: EngineClient, requests: list[EngineRequest],
+                    n: int) -> list[Generation]:
     gens: list[Generation] = []
     try:
         for i, req in enumerate(requests):

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from pensieve.api.errors import error_body
 from pensieve.api.generation import (
@@ -225,3 +226,18 @@ def _usage(gens: list[Generation], num_output_tokens: int) -> dict[str, Any]:
 
 def _fingerprint(served: ServedModel) -> str:
     return f"pensieve-{served.name}"
+
+
+# --- llama-server style tokenizer endpoint ---------------------------------------------------
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+    content: str = Field(max_length=1 << 22)
+    model: str | None = None
+    add_special: bool = False
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeBody, request: Request) -> dict[str, Any]:
+    runtime = _runtime(request)
+    served = runtime.get(body.model) if body.model else runtime.models()[0]
+    return {"tokens": await served.client.tokenize(body.content, body.add_special)}

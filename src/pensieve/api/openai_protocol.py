@@ -52,7 +52,8 @@ class ChatMessage(_Strict):
             if not isinstance(part, TextPart):
                 raise InvalidRequest(
                     f"This model is text-only: content parts of type {part.type!r} are not "
-                    "supported. Send text parts only.", param="messages", code="unsupported_content")
+                    "supported. Send text parts only.",
+                    param="messages", code="unsupported_content")
             parts.append(part.text)
         return "".join(parts)
 

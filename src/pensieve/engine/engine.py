@@ -46,8 +46,10 @@ class Engine:
             raise
         self.batch = Batch(self.ctx.n_batch)
         self.n_ctx_limit = min(self.ctx.n_ctx_seq, self.model.n_ctx_train() or self.ctx.n_ctx_seq)
+        batch_invariant = config.context.flash_attn == "off" or not config.context.kv_unified
         self.scheduler = Scheduler(
-            n_seq_max=self.ctx.n_seq_max, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch
+            n_seq_max=self.ctx.n_seq_max, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
+            max_prefills=None if batch_invariant else 1,
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0
@@ -185,7 +187,8 @@ class Engine:
                 sample_at[id(seq)] = idx
         return sample_at
 
-    def _postprocess(self, plan: list[ScheduledChunk], sample_at: dict[int, int]) -> list[SeqOutput]:
+    def _postprocess(self, plan: list[ScheduledChunk],
+                     sample_at: dict[int, int]) -> list[SeqOutput]:
         outputs: list[SeqOutput] = []
         for chunk in plan:
             leader = chunk.seq

@@ -310,7 +310,8 @@ def _sampler_stages(model: Model, p: SamplingParams, seed: int) -> list[object]:
     if p.has_penalties:
         stages.append(
             C.llama_sampler_init_penalties(
-                model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+                model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty,
+                p.presence_penalty,
             )
         )
     if p.is_greedy:

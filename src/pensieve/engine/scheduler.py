@@ -5,6 +5,9 @@ Policy (continuous batching with chunked prefill):
 2. sequences still catching up on their prompt get chunks, oldest first, from what is left of the
    step's token budget, so a long prompt never stalls the running streams;
 3. waiting requests are admitted, oldest first, while a seq_id, the token budget and KV cells allow.
+With `max_prefills` set, at most that many multi-token chunks share a step: llama.cpp's CPU flash
+attention over a unified KV cache gives slightly different logits when two prompts are prefilled
+in one ubatch, and that would make a request's output depend on what else was in the batch.
 When llama.cpp finds no KV room anyway, the newest running request is preempted: its KV is dropped
 and it goes back to the head of the queue to be recomputed later (its tokens are kept).
 """
@@ -15,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pensieve.engine.sequence import Sequence, SeqStatus
+from pensieve.engine.sequence import SeqStatus, Sequence
 
 FreeKV = Callable[[int], object]  # drops one seq_id's cells from the llama context
 
@@ -36,9 +39,11 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, *, n_seq_max: int, n_ctx: int, token_budget: int) -> None:
+    def __init__(self, *, n_seq_max: int, n_ctx: int, token_budget: int,
+                 max_prefills: int | None = None) -> None:
         self.n_ctx = n_ctx
         self.token_budget = token_budget
+        self.max_prefills = max_prefills
         self.waiting: deque[list[Sequence]] = deque()  # one group (the n choices) per request
         self.running: list[Sequence] = []
         self._free_ids = list(range(n_seq_max - 1, -1, -1))
@@ -59,25 +64,28 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.token_budget
+        prefills = self.max_prefills if self.max_prefills is not None else self.token_budget
         plan: list[ScheduledChunk] = []
         for seq in self.running:
             if seq.is_decoding:
                 plan.append(ScheduledChunk(seq, seq.num_computed, 1))
                 budget -= 1
         for seq in self.running:
-            if budget <= 0:
+            if budget <= 0 or prefills <= 0:
                 break
             if not seq.is_decoding and not seq.waits_for_leader:
                 count = min(seq.num_pending, budget)
                 plan.append(ScheduledChunk(seq, seq.num_computed, count))
                 budget -= count
-        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
+                prefills -= count > 1
+        while budget > 0 and prefills > 0 and self.waiting and self._can_admit(self.waiting[0]):
             group = self.waiting.popleft()
             self._admit(group)
             leader = group[0]
             count = min(leader.num_pending, budget)
             plan.append(ScheduledChunk(leader, leader.num_computed, count))
             budget -= count
+            prefills -= count > 1
         return plan
 
     def _can_admit(self, group: list[Sequence]) -> bool:

@@ -53,6 +53,7 @@ def run_worker(conn: Connection, config: EngineConfig, log_level: int) -> None:
 def _serve(conn: Connection, engine: Engine) -> None:
     while True:
         replies: list = []
+        num_received = 0
         timeout: float | None = 0.0 if engine.has_work() else None
         while conn.poll(timeout):
             msg = conn.recv()
@@ -61,9 +62,10 @@ def _serve(conn: Connection, engine: Engine) -> None:
             reply = _handle(engine, msg)
             if reply is not None:
                 replies.append(reply)
+            num_received += 1
             timeout = 0.0
         outputs = engine.step() if engine.has_work() else []
-        if replies or outputs:
+        if num_received or outputs:  # also after an abort, so the server's counters stay true
             sched = engine.scheduler
             conn.send(StepOutput([*replies, *outputs], sched.num_running, sched.num_waiting,
                                  engine.num_batch_tokens))
