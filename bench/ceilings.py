@@ -71,7 +71,7 @@ def batched_decode(
     argv += ["--output-format", "jsonl"]
     return [
         Ceiling(
-            f"{row['pl']} sequences decode (aggregate)",
+            f"{row['pl']} sequence{'s' if row['pl'] > 1 else ''} decoding together",
             row["speed_tg"],
             f"llama-batched-bench pp{row['pp']} tg{row['tg']}, prefill {row['speed_pp']:.0f} tok/s",
         )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from loadgen import RunSummary
+if TYPE_CHECKING:
+    from loadgen import RunSummary
 
 OURS = "pensieve"
 RATIO_BASELINES = ("llama-server", "llama-cpp-python")
@@ -82,7 +84,7 @@ def build_table(
         f"{server}\n{label}" for server in servers for label, _ in SERVER_COLUMNS
     ]
     baselines = [b for b in RATIO_BASELINES if OURS in servers and b in servers]
-    headers += [f"{OURS}/{b}\nout tok/s" for b in baselines]
+    headers += [f"{OURS}/\n{b}\nout tok/s" for b in baselines]
     rows = []
     for c in concurrencies:
         row = [_workload_cell(c, results)]
@@ -103,7 +105,9 @@ def render_plain(table: Table) -> str:
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(table.headers))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
 
     out = [table.title, *(line(r) for r in header_rows), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in table.rows]
@@ -112,7 +116,7 @@ def render_plain(table: Table) -> str:
 
 def render_markdown(table: Table) -> str:
     """A GitHub-flavoured Markdown table, for pasting into bench/README.md."""
-    headers = [h.replace("\n", " ") for h in table.headers]
+    headers = [h.replace("/\n", "/").replace("\n", " ") for h in table.headers]
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(row) + " |" for row in table.rows]
     return "\n".join(out + [""] + [f"- {note}" for note in table.notes])
@@ -128,12 +132,12 @@ def print_table(table: Table) -> None:
         return
     rich_table = RichTable(title=table.title)
     for index, header in enumerate(table.headers):
-        rich_table.add_column(header, justify="left" if index == 0 else "right")
+        rich_table.add_column(header, justify="left" if index == 0 else "right", overflow="fold")
     for row in table.rows:
         rich_table.add_row(*row)
     console = Console()
-    if not console.is_terminal:  # piped to a file: do not squeeze into 80 columns
-        console = Console(width=220)
+    if not console.is_terminal:  # piped to a file: use the table's natural width
+        console = Console(width=1000)
     console.print(rich_table)
     for note in table.notes:
         console.print(note, markup=False, highlight=False)

@@ -15,6 +15,7 @@ import json
 import logging
 import platform
 import signal
+import subprocess
 import time
 from pathlib import Path
 from types import FrameType
@@ -30,7 +31,15 @@ from loadgen import (
     timeouts_from_args,
 )
 from report import build_table, print_table, render_markdown
-from servers import BENCH_DIR, SERVERS, ServerNotReady, ServerProcess, ServerSpec, free_port
+from servers import (
+    BENCH_DIR,
+    REPO_DIR,
+    SERVERS,
+    ServerNotReady,
+    ServerProcess,
+    ServerSpec,
+    free_port,
+)
 from workload import SamplingConfig
 
 log = logging.getLogger("bench.serving")
@@ -64,6 +73,10 @@ class BenchResults:
     commands: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     startup_s: dict[str, float] = dataclasses.field(default_factory=dict)
     busy_before: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    is_interrupted: bool = False
+    started_at: str = dataclasses.field(
+        default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    )
 
 
 def busy_cpu_fraction(interval_s: float = 1.0) -> float | None:
@@ -90,15 +103,16 @@ def requests_for(concurrency: int, fixed: int | None) -> int:
     return fixed if fixed is not None else max(2 * concurrency, 8)
 
 
-async def _run_workloads(base_url: str, plan: BenchPlan) -> dict[int, RunSummary]:
-    warmup = await run_workload(
-        base_url, 1, 1, dataclasses.replace(plan.sampling, max_tokens=WARMUP_TOKENS), seed=plan.seed
-    )
+async def _run_workloads(
+    name: str, base_url: str, plan: BenchPlan, runs: dict[int, RunSummary]
+) -> None:
+    """Warm up, then run each workload, filling `runs` as they finish (kept if interrupted)."""
+    warmup_sampling = dataclasses.replace(plan.sampling, max_tokens=WARMUP_TOKENS)
+    warmup = await run_workload(base_url, 1, 1, warmup_sampling, seed=plan.seed)
     if warmup.num_failed:
         log.error("warm-up request failed: %s", warmup.first_error)
-    runs: dict[int, RunSummary] = {}
     for concurrency in plan.concurrencies:
-        summary = await run_workload(
+        runs[concurrency] = await run_workload(
             base_url,
             concurrency,
             plan.num_requests[concurrency],
@@ -106,9 +120,7 @@ async def _run_workloads(base_url: str, plan: BenchPlan) -> dict[int, RunSummary
             seed=plan.seed,
             timeouts=plan.timeouts,
         )
-        log.info("%s\n%s", base_url, format_summary(summary))
-        runs[concurrency] = summary
-    return runs
+        log.info("%s\n%s", name, format_summary(runs[concurrency]))
 
 
 def bench_server(spec: ServerSpec, plan: BenchPlan, out: BenchResults) -> None:
@@ -134,7 +146,8 @@ def bench_server(spec: ServerSpec, plan: BenchPlan, out: BenchResults) -> None:
         with ServerProcess(argv, log_path, port, spec.ready_path) as server:
             out.startup_s[spec.name] = server.wait_ready(plan.ready_timeout_s)
             log.info("%s ready after %.1f s", spec.name, out.startup_s[spec.name])
-            out.results[spec.name] = asyncio.run(_run_workloads(server.base_url, plan))
+            runs = out.results.setdefault(spec.name, {})
+            asyncio.run(_run_workloads(spec.name, server.base_url, plan, runs))
     except ServerNotReady as exc:
         out.skipped[spec.name] = f"not ready ({exc}); see {log_path}"
         log.error("skipping %s: %s", spec.name, exc)
@@ -144,9 +157,25 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through `with ServerProcess`, which stops the server
 
 
-def _metadata(plan: BenchPlan) -> dict[str, Any]:
+def git_revision() -> str | None:
+    """The repository's commit, with '-dirty' when the work tree has changes."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _metadata(plan: BenchPlan, out: BenchResults) -> dict[str, Any]:
     return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_at": out.started_at,
+        "git": git_revision(),
         "host": platform.node(),
         "machine": platform.machine(),
         "model": str(plan.model),
@@ -160,10 +189,11 @@ def _metadata(plan: BenchPlan) -> dict[str, Any]:
 
 def write_json(path: Path, plan: BenchPlan, out: BenchResults) -> None:
     payload = {
-        "meta": _metadata(plan),
+        "meta": _metadata(plan, out),
         "commands": out.commands,
         "startup_s": out.startup_s,
         "busy_cpu_before": out.busy_before,
+        "interrupted": out.is_interrupted,
         "skipped": out.skipped,
         "results": {
             name: [s.to_dict() for s in runs.values()] for name, runs in out.results.items()
@@ -234,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_from_args(args)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     out = BenchResults()
-    for name in plan.servers:
-        bench_server(SERVERS[name], plan, out)
+    try:
+        for name in plan.servers:
+            bench_server(SERVERS[name], plan, out)
+    except (KeyboardInterrupt, SystemExit):
+        log.warning("interrupted: reporting what finished so far")
+        out.is_interrupted = True
     title = (
         f"{plan.model.name}, {plan.threads} threads, max_tokens {plan.sampling.max_tokens}, "
-        f"llama-server -np {plan.llama_server_parallel}"
+        f"llama-server -np {plan.llama_server_parallel}, git {git_revision()}, {out.started_at}"
     )
     busy_notes = [
         f"{name}: CPUs {busy:.0%} busy before it started (others' load; figures are low)"
@@ -250,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(render_markdown(table))
     write_json(args.json_out, plan, out)
-    return 0 if out.results else 1
+    return 0 if out.results and not out.is_interrupted else 1
 
 
 if __name__ == "__main__":

@@ -206,18 +206,21 @@ class EngineClient:
         rid = request.request_id
         self._streams[rid] = stream
         num_open = request.params.n
+        timing = _RequestTiming(time.perf_counter())
         try:
             self._outbox.put(request)
             while num_open > 0:
                 item = await stream.get()
                 _raise_for(item)
-                if isinstance(item, SeqOutput) and item.finish_reason is not None:
-                    num_open -= 1
+                if isinstance(item, SeqOutput):
+                    timing.observe(item)
+                    num_open -= item.finish_reason is not None
                 yield item  # type: ignore[misc]
         finally:
             self._streams.pop(rid, None)
             if num_open > 0 and self.is_running:
                 self._outbox.put(AbortRequest(rid))
+            timing.log(rid, aborted=num_open > 0)
 
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         await self.ensure_started()
@@ -232,6 +235,32 @@ class EngineClient:
             return list(item.tokens)
         finally:
             self._streams.pop(rid, None)
+
+
+@dataclass(slots=True)
+class _RequestTiming:
+    """Per-request numbers for the log line (no prompt text is ever logged)."""
+
+    started: float
+    first_token: float | None = None
+    num_prompt: int = 0
+    num_output: int = 0
+
+    def observe(self, out: SeqOutput) -> None:
+        if self.first_token is None and out.token_ids:
+            self.first_token = time.perf_counter()
+        self.num_prompt = out.num_prompt_tokens
+        self.num_output += len(out.token_ids)
+
+    def log(self, rid: str, *, aborted: bool) -> None:
+        if self.first_token is None:
+            return
+        now = time.perf_counter()
+        decode_s = now - self.first_token
+        rate = (self.num_output - 1) / decode_s if decode_s > 0 and self.num_output > 1 else 0.0
+        log.info("%s %s: prompt %d tok, output %d tok, first token %.0f ms, %.1f tok/s",
+                 rid, "aborted" if aborted else "done", self.num_prompt, self.num_output,
+                 (self.first_token - self.started) * 1000, rate)
 
 
 def _raise_for(item: object) -> None:
