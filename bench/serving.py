@@ -108,7 +108,7 @@ async def _run_workloads(
 ) -> None:
     """Warm up, then run each workload, filling `runs` as they finish (kept if interrupted)."""
     warmup_sampling = dataclasses.replace(plan.sampling, max_tokens=WARMUP_TOKENS)
-    warmup = await run_workload(base_url, 1, 1, warmup_sampling, seed=plan.seed)
+    warmup = await run_workload(base_url, 1, 1, warmup_sampling, seed=plan.seed + 999_999)
     if warmup.num_failed:
         log.error("warm-up request failed: %s", warmup.first_error)
     for concurrency in plan.concurrencies:
@@ -117,7 +117,7 @@ async def _run_workloads(
             concurrency,
             plan.num_requests[concurrency],
             plan.sampling,
-            seed=plan.seed,
+            seed=plan.seed * 1000 + concurrency,  # distinct prompts in every workload
             timeouts=plan.timeouts,
         )
         log.info("%s\n%s", name, format_summary(runs[concurrency]))

@@ -98,7 +98,9 @@ class SamplingConfig:
 def select_prompts(num_requests: int, seed: int) -> list[str]:
     """Pick the prompt of each request, deterministically from the seed."""
     rng = random.Random(seed)
-    return [rng.choice(PROMPTS) for _ in range(num_requests)]
+    # A unique tag per request keeps any server from serving a prompt out of a cache: this
+    # workload measures batching and decode, not prompt reuse (that is the multi-turn bench).
+    return [f"(Request {seed}-{i}.) {rng.choice(PROMPTS)}" for i in range(num_requests)]
 
 
 def build_chat_body(prompt: str, model: str, sampling: SamplingConfig) -> dict[str, Any]:

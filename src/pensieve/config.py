@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         True, description="One KV buffer shared by all sequences (a long conversation may use "
         "the whole --ctx-size). Off: each sequence gets ctx_size/parallel cells.")
     mmap: bool = Field(True, description="Memory-map the model file.")
+    prefix_cache: bool = Field(
+        True, description="Reuse the KV of earlier requests that share an exact token prefix "
+        "(a conversation's earlier turns, a common system prompt).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
 
@@ -92,7 +95,8 @@ class Settings(BaseSettings):
             flash_attn=self.flash_attn,
             kv_unified=self.kv_unified,
         )
-        return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap)
+        return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap,
+                            prefix_cache=self.prefix_cache)
 
 
 def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:

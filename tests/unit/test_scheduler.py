@@ -6,6 +6,27 @@ from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.engine.scheduler import Scheduler
 from pensieve.engine.sequence import SeqStatus, Sequence
 from pensieve.engine.types import SamplingParams
+from pensieve.memory.live import LiveCache
+
+
+class FakeKV:
+    """Records what the cache asks of the llama context."""
+
+    def __init__(self) -> None:
+        self.removed: list[tuple[int, int, int]] = []
+        self.copied: list[tuple[int, int, int, int]] = []
+
+    def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        self.removed.append((seq_id, p0, p1))
+        return True
+
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.copied.append((src, dst, p0, p1))
+
+
+def make_scheduler(n_seq_max: int, n_ctx: int, token_budget: int, **kw) -> Scheduler:
+    cache = LiveCache(n_seq_max, FakeKV(), enabled=kw.pop("prefix_cache", False))
+    return Scheduler(cache=cache, n_ctx=n_ctx, token_budget=token_budget, **kw)
 
 
 class FakeSampler:
@@ -15,11 +36,12 @@ class FakeSampler:
         self.closed = True
 
 
-def make_group(rid: str, num_prompt: int, n: int = 1, max_tokens: int = 16) -> list[Sequence]:
+def make_group(rid: str, num_prompt: int, n: int = 1, max_tokens: int = 16,
+               first: int = 0) -> list[Sequence]:
     group: list[Sequence] = []
     for i in range(n):
         group.append(Sequence(
-            request_id=rid, index=i, params=SamplingParams(n=n), tokens=list(range(num_prompt)),
+            request_id=rid, index=i, params=SamplingParams(n=n), tokens=list(range(first, first + num_prompt)),
             num_prompt=num_prompt, max_tokens=max_tokens,
             detok=IncrementalDetokenizer(lambda t: b"x"), sampler=FakeSampler(),  # type: ignore
             leader=group[0] if group else None))
@@ -36,7 +58,7 @@ def run_chunks(plan) -> None:
 
 
 def test_long_prompt_is_chunked_and_decoding_streams_keep_flowing() -> None:
-    s = Scheduler(n_seq_max=4, n_ctx=10_000, token_budget=64)
+    s = make_scheduler(4, 10_000, 64)
     short = make_group("a", 10)
     s.add(short)
     run_chunks(s.schedule())
@@ -55,7 +77,7 @@ def test_long_prompt_is_chunked_and_decoding_streams_keep_flowing() -> None:
 
 
 def test_admission_waits_for_a_free_seq_id() -> None:
-    s = Scheduler(n_seq_max=2, n_ctx=10_000, token_budget=512)
+    s = make_scheduler(2, 10_000, 512)
     for rid in "abc":
         s.add(make_group(rid, 5))
     plan = s.schedule()
@@ -63,12 +85,12 @@ def test_admission_waits_for_a_free_seq_id() -> None:
     assert s.num_waiting == 1
     run_chunks(plan)
     finished = s.running[0]
-    s.finish(finished, free_kv=lambda _id: None)
+    s.finish(finished)
     assert [c.seq.request_id for c in s.schedule() if c.count > 1] == ["c"]
 
 
 def test_admission_respects_kv_room() -> None:
-    s = Scheduler(n_seq_max=8, n_ctx=300, token_budget=512)
+    s = make_scheduler(8, 300, 512)
     s.add(make_group("a", 200))
     s.add(make_group("b", 200))
     plan = s.schedule()
@@ -77,7 +99,7 @@ def test_admission_respects_kv_room() -> None:
 
 
 def test_n_choices_are_admitted_together_and_only_the_leader_prefills() -> None:
-    s = Scheduler(n_seq_max=4, n_ctx=10_000, token_budget=512)
+    s = make_scheduler(4, 10_000, 512)
     group = make_group("a", 20, n=3)
     s.add(group)
     plan = s.schedule()
@@ -88,35 +110,34 @@ def test_n_choices_are_admitted_together_and_only_the_leader_prefills() -> None:
 
 
 def test_preemption_frees_kv_and_requeues_at_the_front() -> None:
-    s = Scheduler(n_seq_max=4, n_ctx=10_000, token_budget=512)
+    s = make_scheduler(4, 10_000, 512)
     a, b = make_group("a", 5), make_group("b", 5)
     s.add(a)
     s.add(b)
     run_chunks(s.schedule())
-    freed: list[int] = []
+    kv = s.cache.kv
     victim_id = b[0].seq_id
-    assert s.preempt_newest(freed.append) is b[0]
-    assert freed == [victim_id]
+    assert s.preempt_newest() is b[0]
+    assert (victim_id, -1, -1) in kv.removed
     assert b[0].status == SeqStatus.WAITING and b[0].num_computed == 0
     assert len(b[0].tokens) == 6  # its sampled token is kept and will be recomputed
     assert s.waiting[0] == b
 
 
 def test_removing_a_request_frees_its_sequences() -> None:
-    s = Scheduler(n_seq_max=4, n_ctx=10_000, token_budget=512)
+    s = make_scheduler(4, 10_000, 512)
     a = make_group("a", 5, n=2)
     s.add(a)
     s.add(make_group("b", 5))
     s.schedule()
-    freed: list[int] = []
-    s.remove_request("a", freed.append)
-    assert len(freed) == 2
+    s.remove_request("a")
+    assert s.cache.num_free == 3
     assert all(seq.is_finished for seq in a)
     assert [seq.request_id for seq in s.running] == ["b"]
 
 
 def test_max_prefills_keeps_prompts_in_separate_steps() -> None:
-    s = Scheduler(n_seq_max=4, n_ctx=10_000, token_budget=512, max_prefills=1)
+    s = make_scheduler(4, 10_000, 512, max_prefills=1)
     for rid in "abc":
         s.add(make_group(rid, 10))
     first = s.schedule()
@@ -124,3 +145,67 @@ def test_max_prefills_keeps_prompts_in_separate_steps() -> None:
     run_chunks(first)
     second = s.schedule()
     assert [(c.seq.request_id, c.count) for c in second] == [("a", 1), ("b", 10)]
+
+
+def test_a_new_request_reuses_the_longest_retained_prefix() -> None:
+    s = make_scheduler(4, 10_000, 512, prefix_cache=True)
+    first = make_group("a", 30)
+    s.add(first)
+    run_chunks(s.schedule())
+    first_id = first[0].seq_id
+    s.finish(first[0])  # its 30 prompt tokens stay in the context
+    follow_up = make_group("b", 50)  # same first 30 tokens, 20 new ones
+    s.add(follow_up)
+    plan = s.schedule()
+    assert [(c.seq.request_id, c.start, c.count) for c in plan] == [("b", 30, 20)]
+    assert follow_up[0].num_cached == 30
+    assert follow_up[0].seq_id == first_id
+    assert (first_id, 30, -1) in s.cache.kv.removed  # only the part after the match is dropped
+
+
+def test_a_running_sequences_prefix_is_copied_not_recomputed() -> None:
+    s = make_scheduler(4, 10_000, 512, prefix_cache=True)
+    a = make_group("a", 40)
+    s.add(a)
+    run_chunks(s.schedule())
+    b = make_group("b", 60)  # shares a's 40 prompt tokens
+    s.add(b)
+    plan = s.schedule()
+    assert ("b", 40, 20) in [(c.seq.request_id, c.start, c.count) for c in plan]
+    assert s.cache.kv.copied == [(a[0].seq_id, b[0].seq_id, 0, 40)]
+
+
+def test_no_reuse_when_disabled_or_prefix_differs() -> None:
+    s = make_scheduler(4, 10_000, 512, prefix_cache=True)
+    a = make_group("a", 30)
+    s.add(a)
+    run_chunks(s.schedule())
+    s.finish(a[0])
+    other = make_group("b", 30, first=1000)
+    s.add(other)
+    assert [(c.start, c.count) for c in s.schedule()] == [(0, 30)]
+    off = make_scheduler(4, 10_000, 512, prefix_cache=False)
+    x = make_group("x", 30)
+    off.add(x)
+    run_chunks(off.schedule())
+    off.finish(x[0])
+    y = make_group("y", 40)
+    off.add(y)
+    assert [(c.start, c.count) for c in off.schedule()] == [(0, 40)]
+
+
+def test_retained_kv_is_evicted_before_admission_would_overflow() -> None:
+    s = make_scheduler(4, 400, 512, prefix_cache=True)
+    a = make_group("a", 200, first=0)
+    s.add(a)
+    run_chunks(s.schedule())
+    s.finish(a[0])
+    keep = make_group("k", 10, first=5000)
+    s.add(keep)
+    run_chunks(s.schedule())
+    assert s.cache.num_retained_tokens == 200
+    big = make_group("b", 250, first=9000)
+    s.add(big)
+    plan = s.schedule()
+    assert [c.seq.request_id for c in plan if c.count > 1] == ["b"]
+    assert s.cache.num_retained_tokens == 0

@@ -92,26 +92,44 @@ async def merged(gens: list[Generation]) -> AsyncIterator[SeqOutput]:
 
 
 @dataclass(slots=True)
+class TokenCounts:
+    """Usage numbers gathered from the outputs as they pass."""
+
+    output: dict[tuple[str, int], int] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, out: SeqOutput) -> None:
+        self.output[(out.request_id, out.index)] = out.num_output_tokens
+        self.cached[out.request_id] = out.num_cached_tokens
+
+    @property
+    def num_output(self) -> int:
+        return sum(self.output.values())
+
+    @property
+    def num_cached(self) -> int:
+        return sum(self.cached.values())
+
+
+@dataclass(slots=True)
 class Collected:
     texts: list[str]
     finish_reasons: list[str | None]
     logprobs: list[list[TokenLogprob]]
-    num_output_tokens: int = 0
-    token_counts: list[int] = field(default_factory=list)
+    counts: TokenCounts = field(default_factory=TokenCounts)
 
 
 async def collect(outputs: AsyncIterator[SeqOutput], num_choices: int) -> Collected:
     result = Collected([""] * num_choices, [None] * num_choices,
-                       [[] for _ in range(num_choices)], 0, [0] * num_choices)
+                       [[] for _ in range(num_choices)])
     async for out in outputs:
         i = out.index
         result.texts[i] += out.text
-        result.token_counts[i] = out.num_output_tokens
+        result.counts.observe(out)
         if out.logprobs:
             result.logprobs[i].extend(out.logprobs)
         if out.finish_reason is not None:
             result.finish_reasons[i] = str(out.finish_reason)
-    result.num_output_tokens = sum(result.token_counts)
     return result
 
 

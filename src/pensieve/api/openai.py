@@ -16,6 +16,7 @@ from pensieve.api.generation import (
     SSE_DONE,
     Collected,
     Generation,
+    TokenCounts,
     collect,
     merged,
     sse,
@@ -69,7 +70,8 @@ async def chat_completions(body: ChatCompletionRequest,
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = template.render(messages, add_generation_prompt=True)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    engine_req = EngineRequest(rid, body.to_sampling_params(), prompt=prompt)
+    engine_req = EngineRequest(rid, body.to_sampling_params(), prompt=prompt,
+                               use_cache=body.cache_prompt)
     gens = await start_all(served.client, [engine_req], body.n)
     meta = {"id": rid, "created": int(time.time()), "model": served.name,
             "system_fingerprint": _fingerprint(served)}
@@ -91,26 +93,26 @@ def _chat_response(meta: dict[str, Any], result: Collected, gens: list[Generatio
             "finish_reason": result.finish_reasons[i],
         })
     return {**meta, "object": "chat.completion", "choices": choices,
-            "usage": _usage(gens, result.num_output_tokens)}
+            "usage": _usage(gens, result.counts)}
 
 
 async def _chat_stream(gens: list[Generation], meta: dict[str, Any], n: int,
                        include_usage: bool) -> AsyncIterator[bytes]:
     base = {**meta, "object": "chat.completion.chunk"}
-    counts = [0] * n
+    counts = TokenCounts()
     outputs = merged(gens)
     try:
         for i in range(n):
             yield sse({**base, "choices": [_chunk_choice(i, {"role": "assistant", "content": ""})]})
         async for out in outputs:
-            counts[out.index] = out.num_output_tokens
+            counts.observe(out)
             lp = _chat_logprobs(out.logprobs) if out.logprobs else None
             if out.text or out.finish_reason is not None or lp:
                 delta = {"content": out.text} if out.text else {}
                 choice = _chunk_choice(out.index, delta, out, lp)
                 yield sse({**base, "choices": [choice]})
         if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(gens, sum(counts))})
+            yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
         yield SSE_DONE
     except PensieveError as exc:
         yield sse(error_body(exc))
@@ -151,8 +153,10 @@ async def completions(body: CompletionRequest,
     params = body.to_sampling_params()
     prompts = body.prompts()
     engine_reqs = [
-        EngineRequest(f"{rid}-{i}", params, prompt=p) if isinstance(p, str)
-        else EngineRequest(f"{rid}-{i}", params, prompt_tokens=tuple(p))
+        EngineRequest(f"{rid}-{i}", params, prompt=p, use_cache=body.cache_prompt)
+        if isinstance(p, str)
+        else EngineRequest(f"{rid}-{i}", params, prompt_tokens=tuple(p),
+                           use_cache=body.cache_prompt)
         for i, p in enumerate(prompts)
     ]
     gens = await start_all(served.client, engine_reqs, body.n)
@@ -171,19 +175,19 @@ async def completions(body: CompletionRequest,
                         "logprobs": _completion_logprobs(lp) if body.logprobs is not None else None,
                         "finish_reason": result.finish_reasons[i]})
     return JSONResponse({**meta, "object": "text_completion", "choices": choices,
-                         "usage": _usage(gens, result.num_output_tokens)})
+                         "usage": _usage(gens, result.counts)})
 
 
 async def _completion_stream(gens: list[Generation], meta: dict[str, Any], num_choices: int,
                              body: CompletionRequest, echoes: list[str]) -> AsyncIterator[bytes]:
     base = {**meta, "object": "text_completion"}
-    counts = [0] * num_choices
+    counts = TokenCounts()
     echoed = [False] * num_choices
     outputs = merged(gens)
     try:
         async for out in outputs:
             i = out.index
-            counts[i] = out.num_output_tokens
+            counts.observe(out)
             text = out.text
             if not echoed[i]:
                 text, echoed[i] = echoes[i // body.n] + text, True
@@ -193,7 +197,7 @@ async def _completion_stream(gens: list[Generation], meta: dict[str, Any], num_c
                 choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
                 yield sse({**base, "choices": [choice]})
         if body.include_usage():
-            yield sse({**base, "choices": [], "usage": _usage(gens, sum(counts))})
+            yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
         yield SSE_DONE
     except PensieveError as exc:
         yield sse(error_body(exc))
@@ -217,11 +221,11 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
 
 
 # --- shared ----------------------------------------------------------------------------------
-def _usage(gens: list[Generation], num_output_tokens: int) -> dict[str, Any]:
+def _usage(gens: list[Generation], counts: TokenCounts) -> dict[str, Any]:
     prompt = sum(g.num_prompt_tokens for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": num_output_tokens,
-            "total_tokens": prompt + num_output_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+    return {"prompt_tokens": prompt, "completion_tokens": counts.num_output,
+            "total_tokens": prompt + counts.num_output,
+            "prompt_tokens_details": {"cached_tokens": counts.num_cached}}
 
 
 def _fingerprint(served: ServedModel) -> str:

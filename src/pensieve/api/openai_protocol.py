@@ -82,6 +82,7 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    cache_prompt: bool = True  # llama-server's name: reuse KV of earlier requests' prefixes
 
     @model_validator(mode="after")
     def _check_stop_and_bias(self) -> _SamplingFields:

@@ -25,6 +25,7 @@ from pensieve.engine.types import (
     SeqOutput,
     TokenLogprob,
 )
+from pensieve.memory.live import LiveCache
 
 log = logging.getLogger("pensieve.engine")
 
@@ -34,6 +35,7 @@ class EngineConfig:
     model_path: str
     context: ContextConfig
     use_mmap: bool = True
+    prefix_cache: bool = True
 
 
 class Engine:
@@ -47,8 +49,9 @@ class Engine:
         self.batch = Batch(self.ctx.n_batch)
         self.n_ctx_limit = min(self.ctx.n_ctx_seq, self.model.n_ctx_train() or self.ctx.n_ctx_seq)
         batch_invariant = config.context.flash_attn == "off" or not config.context.kv_unified
+        self.cache = LiveCache(self.ctx.n_seq_max, self.ctx, enabled=config.prefix_cache)
         self.scheduler = Scheduler(
-            n_seq_max=self.ctx.n_seq_max, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
+            cache=self.cache, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
             max_prefills=None if batch_invariant else 1,
         )
         self._requests: dict[str, list[Sequence]] = {}
@@ -145,6 +148,7 @@ class Engine:
                 detok=IncrementalDetokenizer(self.model.piece, p.stop),
                 sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
                 leader=group[0] if group else None,
+                use_cache=req.use_cache,
             )
             group.append(seq)
         group[0].followers = group[1:]
@@ -154,7 +158,7 @@ class Engine:
         group = self._requests.pop(request_id, None)
         if group is None:
             return
-        self.scheduler.remove_request(request_id, self.ctx.seq_remove)
+        self.scheduler.remove_request(request_id)
         for seq in group:
             seq.release()
 
@@ -221,6 +225,7 @@ class Engine:
             index=seq.index,
             token_ids=[token],
             num_prompt_tokens=seq.num_prompt,
+            num_cached_tokens=(seq.leader or seq).num_cached,
             num_output_tokens=seq.num_output,
         )
         if seq.params.logprobs:
@@ -252,7 +257,7 @@ class Engine:
         out.finish_reason = reason
         out.num_output_tokens = seq.num_output
         seq.finish_reason = reason
-        self.scheduler.finish(seq, self.ctx.seq_remove)
+        self.scheduler.finish(seq)
         group = self._requests.get(seq.request_id)
         if group is not None and all(s.is_finished for s in group):
             for s in self._requests.pop(seq.request_id):
@@ -260,7 +265,9 @@ class Engine:
         return out
 
     def _on_no_kv_room(self) -> list[SeqOutput]:
-        victim = self.scheduler.preempt_newest(self.ctx.seq_remove)
+        if self.cache.evict_one():  # retained KV of finished requests goes first
+            return []
+        victim = self.scheduler.preempt_newest()
         if victim is not None:
             log.warning("KV cache full: request %s preempted, to be recomputed", victim.request_id)
         return []

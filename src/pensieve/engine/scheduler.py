@@ -15,12 +15,10 @@ and it goes back to the head of the queue to be recomputed later (its tokens are
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pensieve.engine.sequence import SeqStatus, Sequence
-
-FreeKV = Callable[[int], object]  # drops one seq_id's cells from the llama context
+from pensieve.memory.live import LiveCache
 
 # Cells set aside for each running sequence's next tokens when admitting a new one.
 _DECODE_HEADROOM = 32
@@ -39,14 +37,14 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, *, n_seq_max: int, n_ctx: int, token_budget: int,
+    def __init__(self, *, cache: LiveCache, n_ctx: int, token_budget: int,
                  max_prefills: int | None = None) -> None:
+        self.cache = cache
         self.n_ctx = n_ctx
         self.token_budget = token_budget
         self.max_prefills = max_prefills
         self.waiting: deque[list[Sequence]] = deque()  # one group (the n choices) per request
         self.running: list[Sequence] = []
-        self._free_ids = list(range(n_seq_max - 1, -1, -1))
 
     @property
     def num_waiting(self) -> int:
@@ -89,20 +87,34 @@ class Scheduler:
         return plan
 
     def _can_admit(self, group: list[Sequence]) -> bool:
-        if len(self._free_ids) < len(group):
+        if self.cache.num_free < len(group):
             return False
+        if not self.running:
+            return True
         used = sum(len(s.tokens) for s in self.running)
         reserve = _DECODE_HEADROOM * (len(self.running) + len(group))
         needed = len(group[0].tokens) + sum(s.num_output for s in group[1:])
-        return used + needed + reserve <= self.n_ctx or not self.running
+        while used + needed + reserve + self.cache.num_retained_tokens > self.n_ctx:
+            if not self.cache.evict_one():
+                return False
+        return True
 
     def _admit(self, group: list[Sequence]) -> None:
+        leader = group[0]
+        running = [(s.seq_id, s.tokens[: s.num_computed]) for s in self.running
+                   if s.seq_id is not None]
         for seq in group:
-            seq.seq_id = self._free_ids.pop()
+            is_leader = seq is leader or seq.leader is None
+            acquired = self.cache.acquire(seq.tokens, running, reuse=is_leader and seq.use_cache)
+            seq.seq_id = acquired.seq_id
+            if is_leader:
+                seq.num_computed = acquired.num_reused
+                if seq.num_output == 0:
+                    seq.num_cached = acquired.num_reused
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
 
-    def preempt_newest(self, free_kv: FreeKV) -> Sequence | None:
+    def preempt_newest(self) -> Sequence | None:
         """Take the most recently admitted request's group off the context (for recompute)."""
         if not self.running:
             return None
@@ -111,7 +123,7 @@ class Scheduler:
         group = [leader, *leader.followers]
         for seq in group:
             if seq in self.running:
-                self._evict(seq, free_kv)
+                self._evict(seq, retain=False)
                 seq.status = SeqStatus.WAITING
                 seq.num_computed = 0
         alive = [s for s in group if not s.is_finished]
@@ -121,24 +133,24 @@ class Scheduler:
         self.waiting.appendleft(alive)
         return leader
 
-    def finish(self, seq: Sequence, free_kv: FreeKV) -> None:
-        """Remove a sequence from the running set, drop its KV and give back its seq_id."""
-        self._evict(seq, free_kv)
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence from the running set; its KV stays for reuse by later requests."""
+        self._evict(seq, retain=True)
         seq.status = SeqStatus.FINISHED
 
-    def remove_request(self, request_id: str, free_kv: FreeKV) -> None:
+    def remove_request(self, request_id: str) -> None:
         """Drop every sequence of a request, waiting or running."""
         for group in [g for g in self.waiting if g and g[0].request_id == request_id]:
             self.waiting.remove(group)
             for seq in group:
                 seq.status = SeqStatus.FINISHED
         for seq in [s for s in self.running if s.request_id == request_id]:
-            self.finish(seq, free_kv)
+            self.finish(seq)
 
-    def _evict(self, seq: Sequence, free_kv: FreeKV) -> None:
+    def _evict(self, seq: Sequence, *, retain: bool) -> None:
         if seq in self.running:
             self.running.remove(seq)
         if seq.seq_id is not None:
-            free_kv(seq.seq_id)
-            self._free_ids.append(seq.seq_id)
+            kept = seq.tokens[: seq.num_computed] if retain else None
+            self.cache.release(seq.seq_id, kept)
             seq.seq_id = None

@@ -35,6 +35,8 @@ class Sequence:
     detok: IncrementalDetokenizer
     sampler: Sampler
     leader: Sequence | None = None  # n > 1: forks the leader's prompt KV instead of computing it
+    use_cache: bool = True  # may reuse KV of earlier requests that share a prefix
+    num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
     seq_id: int | None = None
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING

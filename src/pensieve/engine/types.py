@@ -60,6 +60,7 @@ class EngineRequest:
     prompt: str | None = None
     prompt_tokens: tuple[int, ...] | None = None
     add_special: bool = True  # let the tokenizer add BOS where the model wants one
+    use_cache: bool = True  # reuse KV of earlier requests sharing a prefix (exact match only)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,151 @@
+"""The live tier of Pensieve's memory: token prefixes whose KV the llama context still holds.
+
+Every seq_id of the context is either running (owned by a sequence) or free. A free seq_id may
+still hold the KV of the sequence that last used it ("retained"). A new sequence takes the free
+seq_id, and the prefix, that saves it the most work:
+
+    new tokens:     [ system prompt ...... | turn 1 ..... | turn 2 (new) ]
+    retained id 5:  [ system prompt ...... | turn 1 ..... ]       -> keep, compute turn 2 only
+    running id 2:   [ system prompt ...... | other chat .. ]       -> copy the system prompt's
+                                                                      cells, compute the rest
+Matching is by exact token prefix, so reuse never changes what the model computes. With a
+unified KV cache, `llama_memory_seq_cp` only tags the same cells with another seq_id, so sharing a
+prefix costs no memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class KVOps(Protocol):
+    def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
+
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None: ...
+
+
+@dataclass(slots=True)
+class _Retained:
+    tokens: np.ndarray
+    last_used: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    seq_id: int
+    num_reused: int  # leading tokens whose KV is already in place for this seq_id
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class LiveCache:
+    def __init__(self, n_seq_max: int, kv: KVOps, *, enabled: bool = True) -> None:
+        self.kv = kv
+        self.enabled = enabled
+        self._free: list[int] = list(range(n_seq_max))
+        self._retained: dict[int, _Retained] = {}
+        self._clock = itertools.count()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_retained_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self._retained.values())
+
+    def acquire(self, tokens: list[int], running: Iterable[tuple[int, list[int]]] = (),
+                *, reuse: bool = True) -> Acquired:
+        """Take a free seq_id for `tokens`, with the longest prefix of them already in its KV.
+
+        `running` gives (seq_id, tokens with KV) of the running sequences, to copy from. At least
+        the last token is always left to compute, so there are logits to sample from.
+        """
+        if not self._free:
+            raise RuntimeError("no free seq_id")  # the scheduler checks num_free first
+        limit = len(tokens) - 1
+        if not (reuse and self.enabled and limit > 0):
+            return Acquired(self._take(self._least_useful_free()), 0)
+        want = np.asarray(tokens[:limit], dtype=np.int32)
+        own_id, own_len = self._best_free(want)
+        src_id, src_len = self._best_running(want, running)
+        if own_len >= src_len and own_len > 0:
+            seq_id = self._take(own_id)
+            self.kv.seq_remove(seq_id, own_len, -1)
+            return Acquired(seq_id, own_len)
+        seq_id = self._take(self._least_useful_free())
+        if src_len > 0 and src_id is not None:
+            self.kv.seq_copy(src_id, seq_id, 0, src_len)
+        return Acquired(seq_id, src_len)
+
+    def release(self, seq_id: int, tokens_in_kv: list[int] | None) -> None:
+        """Give a seq_id back, keeping its KV for reuse when `tokens_in_kv` says what it holds."""
+        if tokens_in_kv and self.enabled:
+            self._retained[seq_id] = _Retained(np.asarray(tokens_in_kv, dtype=np.int32),
+                                               next(self._clock))
+        else:
+            self.kv.seq_remove(seq_id)
+        self._free.append(seq_id)
+
+    def evict_one(self) -> bool:
+        """Drop the least recently used retained KV; False if nothing is retained."""
+        if not self._retained:
+            return False
+        seq_id = min(self._retained, key=lambda i: self._retained[i].last_used)
+        self._drop(seq_id)
+        return True
+
+    def clear(self) -> None:
+        for seq_id in list(self._retained):
+            self._drop(seq_id)
+
+    def _drop(self, seq_id: int) -> None:
+        del self._retained[seq_id]
+        self.kv.seq_remove(seq_id)
+
+    def _take(self, seq_id: int) -> int:
+        self._free.remove(seq_id)
+        if seq_id in self._retained:
+            del self._retained[seq_id]
+        return seq_id
+
+    def _best_free(self, want: np.ndarray) -> tuple[int | None, int]:
+        best: tuple[int | None, int] = (None, 0)
+        for seq_id, entry in self._retained.items():
+            n = common_prefix(entry.tokens, want)
+            if n > best[1]:
+                best = (seq_id, n)
+        return best
+
+    @staticmethod
+    def _best_running(want: np.ndarray, running: Iterable[tuple[int, list[int]]]
+                      ) -> tuple[int | None, int]:
+        best: tuple[int | None, int] = (None, 0)
+        for seq_id, tokens in running:
+            if not tokens or tokens[0] != want[0]:
+                continue
+            n = common_prefix(np.asarray(tokens, dtype=np.int32), want)
+            if n > best[1]:
+                best = (seq_id, n)
+        return best
+
+    def _least_useful_free(self) -> int:
+        """A free seq_id holding nothing, else the one whose retained KV was used longest ago."""
+        for seq_id in self._free:
+            if seq_id not in self._retained:
+                self.kv.seq_remove(seq_id)
+                return seq_id
+        seq_id = min(self._free, key=lambda i: self._retained[i].last_used)
+        self._drop(seq_id)
+        return seq_id
