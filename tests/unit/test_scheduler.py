@@ -41,7 +41,8 @@ def make_group(rid: str, num_prompt: int, n: int = 1, max_tokens: int = 16,
     group: list[Sequence] = []
     for i in range(n):
         group.append(Sequence(
-            request_id=rid, index=i, params=SamplingParams(n=n), tokens=list(range(first, first + num_prompt)),
+            request_id=rid, index=i, params=SamplingParams(n=n),
+            tokens=list(range(first, first + num_prompt)),
             num_prompt=num_prompt, max_tokens=max_tokens,
             detok=IncrementalDetokenizer(lambda t: b"x"), sampler=FakeSampler(),  # type: ignore
             leader=group[0] if group else None))
