@@ -33,6 +33,7 @@ PENSIEVE_COMMAND: tuple[str, ...] = (
     "--threads", "{threads}",
     "--parallel", "16",
     "--ctx-size", "16384",
+    *os.environ.get("PENSIEVE_BENCH_FLAGS", "").split(),
 )  # fmt: skip
 
 LLAMA_SERVER_COMMAND: tuple[str, ...] = (

@@ -265,3 +265,17 @@ def test_image_content_is_refused_for_a_text_only_model(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         chat(client, messages=msgs)
     assert "text-only" in info.value.body["message"]
+
+
+def test_a_follow_up_turn_reuses_the_conversation_kv_and_answers_the_same(client: OpenAI) -> None:
+    system = {"role": "system", "content": "You are a terse assistant who answers in one line."}
+    turn1 = [system, {"role": "user", "content": "Name a large ocean."}]
+    first = chat(client, messages=turn1, max_tokens=16)
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And a small sea?"}]
+    cached = chat(client, messages=turn2, max_tokens=16)
+    fresh = chat(client, messages=turn2, max_tokens=16, extra_body={"cache_prompt": False})
+    assert cached.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert cached.usage.prompt_tokens == fresh.usage.prompt_tokens
+    assert cached.choices[0].message.content == fresh.choices[0].message.content

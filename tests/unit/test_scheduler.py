@@ -20,8 +20,8 @@ class FakeKV:
         self.removed.append((seq_id, p0, p1))
         return True
 
-    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        self.copied.append((src, dst, p0, p1))
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.copied.append((src, dst, 0, length))
 
 
 def make_scheduler(n_seq_max: int, n_ctx: int, token_budget: int, **kw) -> Scheduler:

@@ -212,7 +212,7 @@ class Engine:
         for f in leader.followers:
             if f.waits_for_leader and f.seq_id is not None and not f.is_finished:
                 assert leader.seq_id is not None
-                self.ctx.seq_copy(leader.seq_id, f.seq_id, 0, leader.num_prompt)
+                self.ctx.copy_prefix(leader.seq_id, f.seq_id, leader.num_prompt)
                 f.num_computed = f.num_prompt
                 forked.append(f)
         return forked

@@ -198,6 +198,7 @@ class Context:
         self.n_ctx_seq = int(C.llama_n_ctx_seq(handle))
         self.n_batch = int(C.llama_n_batch(handle))
         self.n_seq_max = config.n_seq_max
+        self.kv_unified = config.kv_unified
 
     def close(self) -> None:
         if self.handle:
@@ -218,8 +219,17 @@ class Context:
     def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
-    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        C.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Give `dst` the KV of `src`'s first `length` positions.
+
+        On a unified cache this tags the same cells with `dst` (no copy). Across the streams of
+        a split cache llama.cpp copies whole buffers only, so copy all, then trim.
+        """
+        if self.kv_unified:
+            C.llama_memory_seq_cp(self.memory, src, dst, 0, length)
+            return
+        C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        C.llama_memory_seq_rm(self.memory, dst, length, -1)
 
     def clear(self) -> None:
         C.llama_memory_clear(self.memory, True)

@@ -26,7 +26,7 @@ import numpy as np
 class KVOps(Protocol):
     def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool: ...
 
-    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None: ...
+    def copy_prefix(self, src: int, dst: int, length: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -86,7 +86,7 @@ class LiveCache:
             return Acquired(seq_id, own_len)
         seq_id = self._take(self._least_useful_free())
         if src_len > 0 and src_id is not None:
-            self.kv.seq_copy(src_id, seq_id, 0, src_len)
+            self.kv.copy_prefix(src_id, seq_id, src_len)
         return Acquired(seq_id, src_len)
 
     def release(self, seq_id: int, tokens_in_kv: list[int] | None) -> None:
