@@ -246,6 +246,22 @@ def test_bad_requests_get_a_400_in_openai_shape(server: Server, body: dict, para
         assert err["param"] is not None and err["param"].startswith(param)
 
 
+@pytest.mark.parametrize("extra,param", [
+    ({"logit_bias": {"99999999": 5}}, "logit_bias"),
+    ({"logit_bias": {"-5": 5}}, "logit_bias"),
+    ({"n": 9}, "n"),  # the test server runs --parallel 8
+])
+def test_requests_the_model_cannot_serve_get_a_400(server: Server, extra: dict, param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            **extra}
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    plain = {k: v for k, v in body.items() if k not in extra}
+    ok = httpx.post(f"{server.base_url}/v1/chat/completions", json=plain, timeout=30)
+    assert ok.status_code == 200
+
+
 def test_malformed_json_is_a_400(server: Server) -> None:
     r = httpx.post(f"{server.base_url}/v1/chat/completions", content=b'{"model": ',
                    headers={"content-type": "application/json"}, timeout=30)

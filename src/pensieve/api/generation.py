@@ -12,7 +12,6 @@ from fastapi import Request
 
 from pensieve.engine.client import EngineClient
 from pensieve.engine.types import EngineRequest, RequestAccepted, SeqOutput, TokenLogprob
-from pensieve.errors import InvalidRequest
 
 T = TypeVar("T")
 
@@ -28,10 +27,6 @@ class Generation:
 
 async def start(client: EngineClient, request: EngineRequest, offset: int = 0) -> Generation:
     """Submit and wait until the worker has accepted (or rejected: raises) the request."""
-    if request.params.n > (client.info.n_seq_max if client.info else 1):
-        raise InvalidRequest(
-            f"n={request.params.n} is more than this server's --parallel "
-            f"({client.info.n_seq_max if client.info else 1}) sequences.", param="n")
     stream = client.generate(request)
     try:
         first = await anext(stream)

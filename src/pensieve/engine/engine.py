@@ -103,7 +103,7 @@ class Engine:
             tokens = list(req.prompt_tokens)
         else:
             tokens = self.tokenize(req.prompt or "", req.add_special)
-        problem = self._validate(tokens)
+        problem = self._validate(tokens) or self._validate_params(req)
         if problem is not None:
             return RequestRejected(req.request_id, problem[0], param=problem[1],
                                    code=problem[2])
@@ -129,6 +129,17 @@ class Engine:
         if bad:
             return (f"Token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1}).",
                     "prompt", "invalid_token")
+        return None
+
+    def _validate_params(self, req: EngineRequest) -> tuple[str, str, str] | None:
+        n_vocab = self.model.n_vocab
+        bad = [t for t, _ in req.params.logit_bias if not 0 <= t < n_vocab]
+        if bad:
+            return (f"logit_bias names token {bad[0]}, outside the vocabulary "
+                    f"(0..{n_vocab - 1}).", "logit_bias", "invalid_token")
+        if req.params.n > self.ctx.n_seq_max:
+            return (f"n={req.params.n} is more than this server's --parallel "
+                    f"({self.ctx.n_seq_max}) sequences.", "n", "invalid_value")
         return None
 
     def _make_group(self, req: EngineRequest, tokens: list[int]) -> list[Sequence]:
