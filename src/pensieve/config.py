@@ -18,6 +18,7 @@ from pydantic_settings import (
 
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig
+from pensieve.memory.store import MemoryConfig, namespace_for
 
 
 def default_data_dir() -> Path:
@@ -60,7 +61,13 @@ class Settings(BaseSettings):
     mmap: bool = Field(True, description="Memory-map the model file.")
     prefix_cache: bool = Field(
         True, description="Reuse the KV of earlier requests that share an exact token prefix "
-        "(a conversation's earlier turns, a common system prompt).")
+        "(a conversation's earlier turns, a common system prompt). Off: no memory at all.")
+    memory_ram_mb: int = Field(2048, ge=0, le=1 << 24,
+                               description="RAM budget for conversations' KV outside the "
+                               "llama context, in MiB. 0: no RAM tier.")
+    memory_disk_mb: int = Field(10240, ge=0, le=1 << 30,
+                                description="Disk budget for conversations' KV, in MiB; it "
+                                "survives restarts. 0: no disk tier.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
 
@@ -84,7 +91,17 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
-    def engine_config(self, model_path: str) -> EngineConfig:
+    def memory_config(self, model_digest: str) -> MemoryConfig | None:
+        if not self.prefix_cache or (self.memory_ram_mb == 0 and self.memory_disk_mb == 0):
+            return None
+        namespace = namespace_for(model_digest, flash_attn=self.flash_attn,
+                                  kv_unified=self.kv_unified, kv_type="f16")
+        disk_dir = str(self.data_dir / "memory") if self.memory_disk_mb > 0 else None
+        return MemoryConfig(ram_bytes=self.memory_ram_mb << 20,
+                            disk_bytes=self.memory_disk_mb << 20, disk_dir=disk_dir,
+                            namespace=namespace)
+
+    def engine_config(self, model_path: str, model_digest: str | None = None) -> EngineConfig:
         ctx = ContextConfig(
             n_ctx=self.ctx_size,
             n_batch=self.batch_size,
@@ -95,8 +112,9 @@ class Settings(BaseSettings):
             flash_attn=self.flash_attn,
             kv_unified=self.kv_unified,
         )
+        memory = self.memory_config(model_digest) if model_digest else None
         return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap,
-                            prefix_cache=self.prefix_cache)
+                            prefix_cache=self.prefix_cache, memory=memory)
 
 
 def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:

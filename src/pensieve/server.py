@@ -18,6 +18,7 @@ from pensieve.store.default_model import (
     DefaultModelUnavailable,
     ensure_default_model,
 )
+from pensieve.store.digest import file_digest
 
 log = logging.getLogger("pensieve")
 console = Console(stderr=True)
@@ -52,7 +53,9 @@ def serve(settings: Settings) -> int:
         return 2
     runtime = ModelRuntime()
     level = logging.getLevelName(settings.log_level.upper())
-    runtime.add(name, EngineClient(name, settings.engine_config(str(path)), log_level=level))
+    digest = file_digest(path, settings.data_dir / "digests.json")
+    config = settings.engine_config(str(path), digest)
+    runtime.add(name, EngineClient(name, config, log_level=level))
     app = create_app(runtime)
     _print_banner(settings, name)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -48,4 +48,4 @@ def _model_status(client: EngineClient) -> dict[str, object]:
     stats = client.stats
     return {"state": "ready" if client.is_running else "not loaded", "pid": client.pid,
             "num_running": stats.num_running, "num_waiting": stats.num_waiting,
-            "num_restarts": stats.num_restarts}
+            "num_restarts": stats.num_restarts, "memory": stats.memory}

@@ -55,6 +55,7 @@ class EngineStats:
     num_waiting: int = 0
     num_batch_tokens: int = 0
     num_restarts: int = 0
+    memory: dict[str, object] | None = None
 
 
 class EngineClient:
@@ -168,6 +169,8 @@ class EngineClient:
         self.stats.num_running = msg.num_running
         self.stats.num_waiting = msg.num_waiting
         self.stats.num_batch_tokens = msg.num_batch_tokens
+        if msg.memory is not None:
+            self.stats.memory = msg.memory
         for out in msg.outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:

@@ -26,6 +26,7 @@ from pensieve.engine.types import (
     TokenLogprob,
 )
 from pensieve.memory.live import LiveCache
+from pensieve.memory.store import MemoryConfig, TieredStore
 
 log = logging.getLogger("pensieve.engine")
 
@@ -36,6 +37,7 @@ class EngineConfig:
     context: ContextConfig
     use_mmap: bool = True
     prefix_cache: bool = True
+    memory: MemoryConfig | None = None  # RAM and disk tiers; None: live context only
 
 
 class Engine:
@@ -49,7 +51,10 @@ class Engine:
         self.batch = Batch(self.ctx.n_batch)
         self.n_ctx_limit = min(self.ctx.n_ctx_seq, self.model.n_ctx_train() or self.ctx.n_ctx_seq)
         batch_invariant = config.context.flash_attn == "off" or not config.context.kv_unified
-        self.cache = LiveCache(self.ctx.n_seq_max, self.ctx, enabled=config.prefix_cache)
+        self.tiers = (TieredStore(config.memory)
+                      if config.memory is not None and config.prefix_cache else None)
+        self.cache = LiveCache(self.ctx.n_seq_max, self.ctx, enabled=config.prefix_cache,
+                               tiers=self.tiers)
         self.scheduler = Scheduler(
             cache=self.cache, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
             max_prefills=None if batch_invariant else 1,
@@ -62,6 +67,8 @@ class Engine:
             for seq in group:
                 seq.release()
         self._requests.clear()
+        if self.tiers is not None:
+            self.tiers.close()  # waits for queued disk writes
         self.ctx.close()
         self.model.close()
 
@@ -84,6 +91,18 @@ class Engine:
             load_seconds=m.load_seconds,
             metadata=m.metadata(),
         )
+
+    def memory_summary(self) -> dict[str, object]:
+        summary: dict[str, object] = {"live_retained_tokens": self.cache.num_retained_tokens}
+        if self.tiers is not None:
+            st = self.tiers.stats
+            summary.update(hits=dict(st.hits), tokens_saved=dict(st.tokens_saved),
+                           misses=st.misses, ram_entries=len(self.tiers.ram),
+                           ram_bytes=self.tiers.ram.num_bytes)
+            if self.tiers.disk is not None:
+                summary.update(disk_entries=len(self.tiers.disk),
+                               disk_bytes=self.tiers.disk.num_bytes)
+        return summary
 
     # --- requests ---------------------------------------------------------------------------
     def has_work(self) -> bool:

@@ -234,6 +234,18 @@ class Context:
     def clear(self) -> None:
         C.llama_memory_clear(self.memory, True)
 
+    def state_get(self, seq_id: int) -> bytes:
+        """One sequence's KV state, as llama.cpp serialises it."""
+        size = C.llama_state_seq_get_size(self.handle, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = C.llama_state_seq_get_data(self.handle, buf, size, seq_id)
+        return bytes(memoryview(buf)[:n])
+
+    def state_set(self, seq_id: int, data: bytes) -> bool:
+        """Load a state saved by `state_get` into `seq_id`; False if llama.cpp refused it."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return C.llama_state_seq_set_data(self.handle, buf, len(data), seq_id) > 0
+
 
 class Batch:
     """A llama_batch whose arrays are numpy buffers we own, so filling it is vectorised.

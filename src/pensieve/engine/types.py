@@ -136,6 +136,7 @@ class StepOutput:
     num_running: int = 0
     num_waiting: int = 0
     num_batch_tokens: int = 0
+    memory: dict[str, object] | None = None  # memory tier counters, sent now and then
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ def run_worker(conn: Connection, config: EngineConfig, log_level: int) -> None:
 
 
 def _serve(conn: Connection, engine: Engine) -> None:
+    num_steps = 0
     while True:
         replies: list = []
         num_received = 0
@@ -67,8 +68,10 @@ def _serve(conn: Connection, engine: Engine) -> None:
         outputs = engine.step() if engine.has_work() else []
         if num_received or outputs:  # also after an abort, so the server's counters stay true
             sched = engine.scheduler
+            num_steps += 1
+            memory = engine.memory_summary() if num_received or num_steps % 32 == 0 else None
             conn.send(StepOutput([*replies, *outputs], sched.num_running, sched.num_waiting,
-                                 engine.num_batch_tokens))
+                                 engine.num_batch_tokens, memory))
 
 
 def _handle(engine: Engine, msg: object) -> object | None:

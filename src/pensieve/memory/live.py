@@ -28,6 +28,22 @@ class KVOps(Protocol):
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None: ...
 
+    def state_get(self, seq_id: int) -> bytes: ...
+
+    def state_set(self, seq_id: int, data: bytes) -> bool: ...
+
+
+class Tiers(Protocol):
+    """The slower tiers (RAM, disk) as the live cache sees them (memory/store.py)."""
+
+    def save(self, tokens: np.ndarray, data: bytes) -> None: ...
+
+    def best(self, want: np.ndarray) -> tuple[str, int]: ...
+
+    def load(self, tier: str, want: np.ndarray) -> bytes | None: ...
+
+    def record(self, tier: str, num_tokens: int) -> None: ...
+
 
 @dataclass(slots=True)
 class _Retained:
@@ -39,6 +55,11 @@ class _Retained:
 class Acquired:
     seq_id: int
     num_reused: int  # leading tokens whose KV is already in place for this seq_id
+    tier: str = "none"  # where they came from: live, ram, disk (or none)
+
+# A slower tier's prefix must beat the live one by this many tokens to be worth a restore
+# (restoring costs a few ms; computing a token about 3 ms on a 2-core CPU).
+_RESTORE_MARGIN = 4
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -50,9 +71,11 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class LiveCache:
-    def __init__(self, n_seq_max: int, kv: KVOps, *, enabled: bool = True) -> None:
+    def __init__(self, n_seq_max: int, kv: KVOps, *, enabled: bool = True,
+                 tiers: Tiers | None = None) -> None:
         self.kv = kv
         self.enabled = enabled
+        self.tiers = tiers if enabled else None
         self._free: list[int] = list(range(n_seq_max))
         self._retained: dict[int, _Retained] = {}
         self._clock = itertools.count()
@@ -80,20 +103,50 @@ class LiveCache:
         want = np.asarray(tokens[:limit], dtype=np.int32)
         own_id, own_len = self._best_free(want)
         src_id, src_len = self._best_running(want, running)
+        live_len = max(own_len, src_len)
+        restored = self._restore(want, live_len)
+        if restored is not None:
+            return restored
         if own_len >= src_len and own_len > 0:
             seq_id = self._take(own_id)
             self.kv.seq_remove(seq_id, own_len, -1)
-            return Acquired(seq_id, own_len)
+            return self._record(Acquired(seq_id, own_len, "live"))
         seq_id = self._take(self._least_useful_free())
         if src_len > 0 and src_id is not None:
             self.kv.copy_prefix(src_id, seq_id, src_len)
-        return Acquired(seq_id, src_len)
+            return self._record(Acquired(seq_id, src_len, "live"))
+        return self._record(Acquired(seq_id, 0))
+
+    def _restore(self, want: np.ndarray, live_len: int) -> Acquired | None:
+        """Bring back a longer prefix from RAM or disk, when one beats the live tier."""
+        if self.tiers is None:
+            return None
+        tier, length = self.tiers.best(want)
+        if length < live_len + _RESTORE_MARGIN:
+            return None
+        data = self.tiers.load(tier, want)
+        if data is None:
+            return None
+        seq_id = self._take(self._least_useful_free())
+        if not self.kv.state_set(seq_id, data):
+            self.kv.seq_remove(seq_id)
+            self._free.append(seq_id)
+            return None
+        self.kv.seq_remove(seq_id, length, -1)
+        return self._record(Acquired(seq_id, length, tier))
+
+    def _record(self, acquired: Acquired) -> Acquired:
+        if self.tiers is not None:
+            self.tiers.record(acquired.tier, acquired.num_reused)
+        return acquired
 
     def release(self, seq_id: int, tokens_in_kv: list[int] | None) -> None:
         """Give a seq_id back, keeping its KV for reuse when `tokens_in_kv` says what it holds."""
         if tokens_in_kv and self.enabled:
-            self._retained[seq_id] = _Retained(np.asarray(tokens_in_kv, dtype=np.int32),
-                                               next(self._clock))
+            tokens = np.asarray(tokens_in_kv, dtype=np.int32)
+            self._retained[seq_id] = _Retained(tokens, next(self._clock))
+            if self.tiers is not None:  # also kept outside the context, for later or a restart
+                self.tiers.save(tokens, self.kv.state_get(seq_id))
         else:
             self.kv.seq_remove(seq_id)
         self._free.append(seq_id)

@@ -1,0 +1,84 @@
+"""The slower tiers together: RAM first, disk behind it, with hit and token counters per tier."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
+
+log = logging.getLogger("pensieve.memory")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryConfig:
+    ram_bytes: int
+    disk_bytes: int
+    disk_dir: str | None  # None: no disk tier
+    namespace: str  # model file digest + KV settings; entries never cross namespaces
+
+
+@dataclass(slots=True)
+class MemoryStats:
+    hits: dict[str, int] = field(default_factory=lambda: {"live": 0, "ram": 0, "disk": 0})
+    tokens_saved: dict[str, int] = field(default_factory=lambda: {"live": 0, "ram": 0,
+                                                                    "disk": 0})
+    misses: int = 0
+
+
+def namespace_for(model_digest: str, **kv_settings: object) -> str:
+    """A short, stable name for (model file, KV settings): what a KV snapshot depends on."""
+    settings = ",".join(f"{k}={kv_settings[k]}" for k in sorted(kv_settings))
+    return hashlib.sha256(f"{model_digest}|{settings}|v1".encode()).hexdigest()[:24]
+
+
+class TieredStore:
+    def __init__(self, config: MemoryConfig) -> None:
+        self.ram = RamTier(config.ram_bytes)
+        self.disk = (DiskTier(Path(config.disk_dir), config.namespace, config.disk_bytes)
+                     if config.disk_dir else None)
+        self.stats = MemoryStats()
+        if self.disk is not None and len(self.disk):
+            log.info("memory: %d conversations on disk (%.1f MiB)", len(self.disk),
+                     self.disk.num_bytes / 2**20)
+
+    def save(self, tokens: np.ndarray, data: bytes) -> None:
+        snap = Snapshot(tokens, data)
+        self.ram.put(snap)
+        if self.disk is not None:
+            self.disk.put(snap)
+
+    def best(self, want: np.ndarray) -> tuple[str, int]:
+        _, ram_len = self.ram.best(want)
+        disk_len = self.disk.best(want)[1] if self.disk is not None else 0
+        if ram_len >= disk_len:
+            return "ram", ram_len
+        return "disk", disk_len
+
+    def load(self, tier: str, want: np.ndarray) -> bytes | None:
+        if tier == "ram":
+            snap, _ = self.ram.best(want)
+            return snap.data if snap is not None else None
+        if self.disk is None:
+            return None
+        key, _ = self.disk.best(want)
+        snap = self.disk.load(key) if key is not None else None
+        if snap is None:
+            return None
+        self.ram.put(snap)  # promote: the next turn finds it in RAM
+        return snap.data
+
+    def record(self, tier: str, num_tokens: int) -> None:
+        if tier == "none" or num_tokens == 0:
+            self.stats.misses += 1
+            return
+        self.stats.hits[tier] += 1
+        self.stats.tokens_saved[tier] += num_tokens
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()

@@ -1,0 +1,96 @@
+"""Pensieve's memory end to end: a conversation survives a restart, through the disk tier, and
+damaged memory files are ignored, never served."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import MODEL, Server, assert_same_greedy_run, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+QUESTIONS = ["What is the capital of France?", "And of Italy?", "And of Spain?",
+             "And of Portugal?"]
+
+
+def turn(server: Server, messages: list[dict], **extra) -> dict:
+    body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0, **extra}
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def converse(server: Server, num_turns: int) -> tuple[list[dict], int]:
+    """Returns the history and the prompt length of the last turn."""
+    messages = [{"role": "system", "content": "You are a concise assistant."}]
+    prompt_tokens = 0
+    for q in QUESTIONS[:num_turns]:
+        messages.append({"role": "user", "content": q})
+        reply = turn(server, messages)
+        messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+        prompt_tokens = reply["usage"]["prompt_tokens"]
+    return messages, prompt_tokens
+
+
+def fourth_turn(server: Server, history: list[dict], **extra) -> dict:
+    return turn(server, [*history, {"role": "user", "content": QUESTIONS[3]}], logprobs=True,
+                top_logprobs=5, **extra)
+
+
+def lp(reply: dict) -> list[dict]:
+    return reply["choices"][0]["logprobs"]["content"]
+
+
+def test_a_conversation_continues_from_disk_after_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = start_server(tmp_path, data_dir=data)
+    try:
+        history, last_prompt = converse(first, 3)
+    finally:
+        stop_server(first)
+    assert list((data / "memory").glob("*/*.kv"))
+    second = start_server(tmp_path, data_dir=data)
+    try:
+        restored = fourth_turn(second, history)
+        fresh = fourth_turn(second, history, cache_prompt=False)
+        memory = second.model_status()["memory"]
+    finally:
+        stop_server(second)
+    cached = restored["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= last_prompt  # the whole third turn came back from disk
+    assert memory["hits"]["disk"] >= 1 and memory["tokens_saved"]["disk"] >= cached
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert_same_greedy_run(lp(fresh), lp(restored))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_memory_files_are_ignored_and_the_answer_is_still_right(
+        tmp_path: Path, damage: str) -> None:
+    data = tmp_path / "data"
+    first = start_server(tmp_path, data_dir=data)
+    try:
+        history, _ = converse(first, 3)
+        expected = fourth_turn(first, history, cache_prompt=False)
+    finally:
+        stop_server(first)
+    files = list((data / "memory").glob("*/*.kv"))
+    assert files
+    for path in files:
+        raw = bytearray(path.read_bytes())
+        if damage == "truncate":
+            raw = raw[: len(raw) // 2]
+        else:
+            raw[-100] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    second = start_server(tmp_path, data_dir=data)
+    try:
+        got = fourth_turn(second, history)
+        memory = second.model_status()["memory"]
+    finally:
+        stop_server(second)
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert memory["hits"]["disk"] == 0
+    assert_same_greedy_run(lp(expected), lp(got))
