@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from pensieve import __version__
+from pensieve.cache_cli import add_cache_parser, run_cache
 from pensieve.config import Settings, load_settings
 
 console = Console(stderr=True)
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "[env PENSIEVE_CONFIG]")
     add_settings_flags(serve)
     sub.add_parser("version", help="Print the version")
+    add_cache_parser(sub)
     return parser
 
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"pensieve {__version__}")
         return 0
+    if args.command == "cache":
+        return run_cache(args, Console())
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.model_fields and v is not None}
     try:

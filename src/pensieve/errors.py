@@ -20,6 +20,11 @@ class InvalidRequest(PensieveError):
     error_type = "invalid_request_error"
 
 
+class NotFound(PensieveError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
 class ModelNotFound(PensieveError):
     status_code = 404
     error_type = "invalid_request_error"

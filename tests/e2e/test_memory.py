@@ -3,6 +3,9 @@ damaged memory files are ignored, never served."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -94,3 +97,49 @@ def test_damaged_memory_files_are_ignored_and_the_answer_is_still_right(
     assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert memory["hits"]["disk"] == 0
     assert_same_greedy_run(lp(expected), lp(got))
+
+
+def test_memory_can_be_listed_and_deleted_over_http_and_from_the_cli(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        history, _ = converse(server, 2)
+        listing = httpx.get(f"{server.base_url}/admin/memory", timeout=30).json()
+        entries = listing["entries"]
+        assert entries and all({"ram", "disk"} <= set(e["tiers"]) for e in entries)
+        assert "What is the capital" not in str(listing)  # no prompt text, only token hashes
+        key = entries[0]["key"]
+        shown = httpx.get(f"{server.base_url}/admin/memory/{key}", timeout=30).json()
+        assert shown["num_tokens"] == entries[0]["num_tokens"]
+        cli = [sys.executable, "-m", "pensieve.cli", "cache", "--url", server.base_url]
+        out = subprocess.run([*cli, "list"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "COLUMNS": "200"})
+        assert out.returncode == 0 and key in out.stdout
+        assert subprocess.run([*cli, "rm", key], capture_output=True, timeout=60).returncode == 0
+        missing = httpx.get(f"{server.base_url}/admin/memory/{key}", timeout=30)
+        assert missing.status_code == 404
+        assert subprocess.run([*cli, "clear"], capture_output=True, timeout=60).returncode == 0
+        assert httpx.get(f"{server.base_url}/admin/memory", timeout=30).json()["entries"] == []
+        assert not list((tmp_path / "data" / "memory").glob("*/*.kv"))
+        # with nothing remembered, the next turn is computed in full
+        again = turn(server, history)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        stop_server(server)
+
+
+def test_a_turn_served_from_the_ram_tier_matches_a_fresh_computation(tmp_path: Path) -> None:
+    # One sequence slot and no disk tier: another conversation pushes ours out of the llama
+    # context, so its next turn can only come back from RAM.
+    server = start_server(tmp_path, "--parallel", "1", "--memory-disk-mb", "0")
+    try:
+        history, last_prompt = converse(server, 2)
+        other = [{"role": "user", "content": "Write a word about rain."}]
+        turn(server, other)
+        restored = fourth_turn(server, history)
+        fresh = fourth_turn(server, history, cache_prompt=False)
+        memory = server.model_status()["memory"]
+    finally:
+        stop_server(server)
+    assert restored["usage"]["prompt_tokens_details"]["cached_tokens"] >= last_prompt
+    assert memory["hits"]["ram"] >= 1 and memory["hits"]["disk"] == 0
+    assert_same_greedy_run(lp(fresh), lp(restored))

@@ -24,6 +24,8 @@ from pensieve.engine.engine import EngineConfig
 from pensieve.engine.types import (
     AbortRequest,
     EngineRequest,
+    MemoryRequest,
+    MemoryResult,
     ModelInfo,
     RequestAccepted,
     RequestRejected,
@@ -226,18 +228,28 @@ class EngineClient:
             timing.log(rid, aborted=num_open > 0)
 
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        await self.ensure_started()
         rid = self.new_request_id("tok")
+        result = await self._call(TokenizeRequest(rid, text, add_special))
+        assert isinstance(result, TokenizeResult)
+        return list(result.tokens)
+
+    async def memory(self, *, delete: bool = False, key: str | None = None) -> MemoryResult:
+        result = await self._call(MemoryRequest(self.new_request_id("mem"), delete, key))
+        assert isinstance(result, MemoryResult)
+        return result
+
+    async def _call(self, msg: TokenizeRequest | MemoryRequest) -> object:
+        """One request, one answer (no streaming)."""
+        await self.ensure_started()
         stream: asyncio.Queue[object] = asyncio.Queue()
-        self._streams[rid] = stream
+        self._streams[msg.request_id] = stream
         try:
-            self._outbox.put(TokenizeRequest(rid, text, add_special))
+            self._outbox.put(msg)
             item = await stream.get()
             _raise_for(item)
-            assert isinstance(item, TokenizeResult)
-            return list(item.tokens)
+            return item
         finally:
-            self._streams.pop(rid, None)
+            self._streams.pop(msg.request_id, None)
 
 
 @dataclass(slots=True)

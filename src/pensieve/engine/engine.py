@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +104,33 @@ class Engine:
                 summary.update(disk_entries=len(self.tiers.disk),
                                disk_bytes=self.tiers.disk.num_bytes)
         return summary
+
+    def memory_entries(self) -> list[dict[str, object]]:
+        """Every remembered prefix, by key, with the tiers holding it (no text)."""
+        now = time.monotonic()
+        by_key: dict[str, dict[str, object]] = {}
+        for key, num_tokens in self.cache.entries():
+            by_key[key] = {"key": key, "num_tokens": num_tokens, "tiers": ["live"]}
+        tier_entries = self.tiers.entries() if self.tiers is not None else {}
+        for tier, rows in tier_entries.items():
+            for key, num_tokens, num_bytes, last_used in rows:
+                entry = by_key.setdefault(key, {"key": key, "num_tokens": num_tokens,
+                                                "tiers": []})
+                entry["tiers"].append(tier)  # type: ignore[union-attr]
+                entry[f"{tier}_bytes"] = num_bytes
+                if last_used:
+                    entry["idle_s"] = round(now - last_used, 1)
+        return sorted(by_key.values(), key=lambda e: -int(e["num_tokens"]))  # type: ignore[arg-type]
+
+    def memory_delete(self, key: str | None) -> int:
+        """Forget one prefix (or everything, with None) in every tier; returns entries removed."""
+        keys = [key] if key is not None else [str(e["key"]) for e in self.memory_entries()]
+        removed = 0
+        for k in keys:
+            removed += int(self.cache.drop_key(k))
+            if self.tiers is not None:
+                removed += self.tiers.delete(k)
+        return removed
 
     # --- requests ---------------------------------------------------------------------------
     def has_work(self) -> bool:

@@ -124,6 +124,22 @@ class TokenizeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryRequest:
+    """List (key None, delete False), delete one key, or delete everything (key None)."""
+
+    request_id: str
+    delete: bool = False
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryResult:
+    request_id: str
+    entries: list[dict[str, object]] = field(default_factory=list)
+    num_deleted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     pass
 
@@ -132,7 +148,7 @@ class Shutdown:
 class StepOutput:
     """Everything one engine step produced, sent as one message to keep IPC cheap."""
 
-    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult]
+    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult | MemoryResult]
     num_running: int = 0
     num_waiting: int = 0
     num_batch_tokens: int = 0

@@ -17,6 +17,8 @@ from pensieve.engine.llama import init_backend
 from pensieve.engine.types import (
     AbortRequest,
     EngineRequest,
+    MemoryRequest,
+    MemoryResult,
     Shutdown,
     StepOutput,
     TokenizeRequest,
@@ -82,4 +84,8 @@ def _handle(engine: Engine, msg: object) -> object | None:
         return None
     if isinstance(msg, TokenizeRequest):
         return TokenizeResult(msg.request_id, tuple(engine.tokenize(msg.text, msg.add_special)))
+    if isinstance(msg, MemoryRequest):
+        if msg.delete:
+            return MemoryResult(msg.request_id, num_deleted=engine.memory_delete(msg.key))
+        return MemoryResult(msg.request_id, entries=engine.memory_entries())
     raise TypeError(f"unexpected message {type(msg).__name__}")

@@ -15,6 +15,7 @@ prefix costs no memory.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ class Acquired:
 # A slower tier's prefix must beat the live one by this many tokens to be worth a restore
 # (restoring costs a few ms; computing a token about 3 ms on a 2-core CPU).
 _RESTORE_MARGIN = 4
+
+
+def prefix_key(tokens: np.ndarray) -> str:
+    """The name of a token prefix in every tier (no text: a hash of the token ids)."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:32]
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -150,6 +156,17 @@ class LiveCache:
         else:
             self.kv.seq_remove(seq_id)
         self._free.append(seq_id)
+
+    def entries(self) -> list[tuple[str, int]]:
+        """(key, tokens) of the retained KV; keys match the RAM and disk tiers' keys."""
+        return [(prefix_key(r.tokens), len(r.tokens)) for r in self._retained.values()]
+
+    def drop_key(self, key: str) -> bool:
+        for seq_id, entry in list(self._retained.items()):
+            if prefix_key(entry.tokens) == key:
+                self._drop(seq_id)
+                return True
+        return False
 
     def evict_one(self) -> bool:
         """Drop the least recently used retained KV; False if nothing is retained."""

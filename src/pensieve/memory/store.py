@@ -79,6 +79,18 @@ class TieredStore:
         self.stats.hits[tier] += 1
         self.stats.tokens_saved[tier] += num_tokens
 
+    def entries(self) -> dict[str, list[tuple[str, int, int, float]]]:
+        out = {"ram": self.ram.entries()}
+        if self.disk is not None:
+            out["disk"] = self.disk.entries()
+        return out
+
+    def delete(self, key: str) -> int:
+        removed = int(self.ram.remove(key))
+        if self.disk is not None:
+            removed += int(self.disk.remove(key))
+        return removed
+
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()

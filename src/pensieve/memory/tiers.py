@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pensieve.memory.live import common_prefix
+from pensieve.memory.live import common_prefix, prefix_key
 
 log = logging.getLogger("pensieve.memory")
 
@@ -45,7 +45,7 @@ class Snapshot:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(self.tokens.tobytes()).hexdigest()[:32]
+        return prefix_key(self.tokens)
 
     @property
     def num_bytes(self) -> int:
@@ -81,6 +81,16 @@ class RamTier:
             if self.num_bytes <= self.budget_bytes:
                 break
             self.num_bytes -= self._items.pop(key).num_bytes
+
+    def entries(self) -> list[tuple[str, int, int, float]]:
+        """(key, tokens, bytes, last used) of every snapshot."""
+        return [(k, len(s.tokens), s.num_bytes, s.last_used) for k, s in self._items.items()]
+
+    def remove(self, key: str) -> bool:
+        snap = self._items.pop(key, None)
+        if snap is not None:
+            self.num_bytes -= snap.num_bytes
+        return snap is not None
 
     def best(self, want: np.ndarray) -> tuple[Snapshot | None, int]:
         best: tuple[Snapshot | None, int] = (None, 0)
@@ -129,6 +139,18 @@ class DiskTier:
             return len(self._entries)
 
     # --- reads ------------------------------------------------------------------------------
+    def entries(self) -> list[tuple[str, int, int, float]]:
+        with self._lock:
+            return [(k, len(e.tokens), e.num_bytes, e.last_used)
+                    for k, e in self._entries.items()]
+
+    def remove(self, key: str) -> bool:
+        self.flush()
+        with self._lock:
+            present = key in self._entries
+        self._forget(key, remove=True)
+        return present
+
     def best(self, want: np.ndarray) -> tuple[str | None, int]:
         with self._lock:
             best: tuple[str | None, int] = (None, 0)

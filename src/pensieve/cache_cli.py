@@ -1,0 +1,74 @@
+"""`pensieve cache`: look at and prune a running server's memory (its /admin/memory API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def add_cache_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cache = sub.add_parser("cache", help="List, inspect and delete remembered conversations")
+    cache.add_argument("--url", default=os.environ.get("PENSIEVE_URL", DEFAULT_URL),
+                       help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
+    cache.add_argument("--model", default=None, help="which served model (default: the first)")
+    actions = cache.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every remembered prefix, largest first")
+    actions.add_parser("show", help="one entry").add_argument("key")
+    actions.add_parser("rm", help="forget one entry in every tier").add_argument("key")
+    actions.add_parser("clear", help="forget everything")
+
+
+def run_cache(args: argparse.Namespace, console: Console) -> int:
+    method, path = {"list": ("GET", ""), "show": ("GET", f"/{getattr(args, 'key', '')}"),
+                    "rm": ("DELETE", f"/{getattr(args, 'key', '')}"),
+                    "clear": ("DELETE", "")}[args.action]
+    query = f"?{urllib.parse.urlencode({'model': args.model})}" if args.model else ""
+    try:
+        body = _request(method, f"{args.url.rstrip('/')}/admin/memory{path}{query}")
+    except (urllib.error.URLError, OSError) as exc:
+        console.print(f"[red]Cannot reach a Pensieve server at {args.url}:[/red] {exc}. "
+                      "Start one with `pensieve serve`, or pass --url.")
+        return 1
+    if "error" in body:
+        console.print(f"[red]{body['error'].get('message')}[/red]")
+        return 1
+    if args.action == "list":
+        console.print(_table(body))
+    else:
+        console.print_json(json.dumps(body))
+    return 0
+
+
+def _request(method: str, url: str) -> dict[str, Any]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - user-given URL
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read() or b"{}") or {"error": {"message": str(exc)}}
+
+
+def _table(body: dict[str, Any]) -> Table:
+    table = Table(title=f"memory of {body.get('model')}")
+    table.add_column("key", no_wrap=True, min_width=32)
+    for col in ("tokens", "tiers", "RAM MiB", "disk MiB", "idle s"):
+        table.add_column(col, justify="left" if col == "tiers" else "right")
+    for e in body.get("entries", []):
+        table.add_row(e["key"], str(e["num_tokens"]), ",".join(e["tiers"]),
+                      _mib(e.get("ram_bytes")), _mib(e.get("disk_bytes")),
+                      str(e.get("idle_s", "")))
+    return table
+
+
+def _mib(num_bytes: int | None) -> str:
+    return f"{num_bytes / 2**20:.1f}" if num_bytes else ""
