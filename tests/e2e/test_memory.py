@@ -143,3 +143,22 @@ def test_a_turn_served_from_the_ram_tier_matches_a_fresh_computation(tmp_path: P
     assert restored["usage"]["prompt_tokens_details"]["cached_tokens"] >= last_prompt
     assert memory["hits"]["ram"] >= 1 and memory["hits"]["disk"] == 0
     assert_same_greedy_run(lp(fresh), lp(restored))
+
+
+def test_ram_and_disk_budgets_hold_under_many_conversations(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--memory-ram-mb", "4", "--memory-disk-mb", "8")
+    try:
+        for i in range(12):
+            turn(server, [{"role": "user", "content": f"Tell me fact number {i} about owls."}])
+        listing = httpx.get(f"{server.base_url}/admin/memory", timeout=30).json()
+        server.proc.send_signal(15)  # graceful stop flushes the disk writer
+        server.proc.wait(30)
+    finally:
+        stop_server(server)
+    entries = listing["entries"]
+    ram = sum(e.get("ram_bytes", 0) for e in entries)
+    disk_files = list((tmp_path / "data" / "memory").glob("*/*.kv"))
+    assert len(entries) >= 3  # something is remembered ...
+    assert ram <= 4 << 20  # ... within the RAM budget
+    assert sum(p.stat().st_size for p in disk_files) <= 8 << 20  # ... and the disk budget
+    assert len(disk_files) < 12  # so older conversations were evicted
