@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 from pathlib import Path
 
 import uvicorn
@@ -58,8 +59,13 @@ def serve(settings: Settings) -> int:
     runtime.add(name, EngineClient(name, config, log_level=level))
     app = create_app(runtime)
     _print_banner(settings, name)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal against the
+    # handler it found; a no-op handler makes that a clean exit 0 instead of death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False, timeout_graceful_shutdown=30)
+    log.info("stopped")
     return 0
 
 

@@ -86,3 +86,13 @@ def test_non_streaming_request_on_a_dying_worker_gets_a_503(server: Server) -> N
     killer.join()
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "worker_crashed"
+
+
+def test_sigterm_stops_the_server_cleanly_with_exit_0(tmp_path) -> None:
+    from tests.e2e.conftest import start_server
+
+    srv = start_server(tmp_path)
+    worker = srv.model_status()["pid"]
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(30) == 0
+    wait_for(lambda: not os.path.exists(f"/proc/{worker}"), timeout=10)
