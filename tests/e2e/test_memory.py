@@ -162,3 +162,24 @@ def test_ram_and_disk_budgets_hold_under_many_conversations(tmp_path: Path) -> N
     assert ram <= 4 << 20  # ... within the RAM budget
     assert sum(p.stat().st_size for p in disk_files) <= 8 << 20  # ... and the disk budget
     assert len(disk_files) < 12  # so older conversations were evicted
+
+
+def test_two_models_never_share_memory(tmp_path: Path, default_model: Path) -> None:
+    # A second model file: the same weights plus trailing bytes, so a different sha256 digest.
+    other = tmp_path / "other.gguf"
+    other.write_bytes(default_model.read_bytes() + b"\0" * 64)
+    data = tmp_path / "data"
+    first = start_server(tmp_path, data_dir=data)
+    try:
+        history, _ = converse(first, 3)
+    finally:
+        stop_server(first)
+    second = start_server(tmp_path, "--model", str(other), data_dir=data)
+    try:
+        reply = fourth_turn(second, history)
+        memory = second.model_status()["memory"]
+    finally:
+        stop_server(second)
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert memory["hits"]["disk"] == 0
+    assert len(list((data / "memory").iterdir())) == 2  # one namespace per model file

@@ -16,7 +16,7 @@ prefix costs no memory.
 from __future__ import annotations
 
 import hashlib
-import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,7 +49,11 @@ class Tiers(Protocol):
 @dataclass(slots=True)
 class _Retained:
     tokens: np.ndarray
-    last_used: int
+    last_used: float
+
+    def retention_value(self, now: float) -> float:
+        """What keeping it is worth: tokens it saves recomputing, per second of idleness."""
+        return len(self.tokens) / (now - self.last_used + 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +88,6 @@ class LiveCache:
         self.tiers = tiers if enabled else None
         self._free: list[int] = list(range(n_seq_max))
         self._retained: dict[int, _Retained] = {}
-        self._clock = itertools.count()
 
     @property
     def num_free(self) -> int:
@@ -150,7 +153,7 @@ class LiveCache:
         """Give a seq_id back, keeping its KV for reuse when `tokens_in_kv` says what it holds."""
         if tokens_in_kv and self.enabled:
             tokens = np.asarray(tokens_in_kv, dtype=np.int32)
-            self._retained[seq_id] = _Retained(tokens, next(self._clock))
+            self._retained[seq_id] = _Retained(tokens, time.monotonic())
             if self.tiers is not None:  # also kept outside the context, for later or a restart
                 self.tiers.save(tokens, self.kv.state_get(seq_id))
         else:
@@ -169,12 +172,15 @@ class LiveCache:
         return False
 
     def evict_one(self) -> bool:
-        """Drop the least recently used retained KV; False if nothing is retained."""
+        """Drop the retained KV of least retention value; False if nothing is retained."""
         if not self._retained:
             return False
-        seq_id = min(self._retained, key=lambda i: self._retained[i].last_used)
-        self._drop(seq_id)
+        self._drop(self._least_valuable(self._retained))
         return True
+
+    def _least_valuable(self, seq_ids: object) -> int:
+        now = time.monotonic()
+        return min(seq_ids, key=lambda i: self._retained[i].retention_value(now))  # type: ignore
 
     def clear(self) -> None:
         for seq_id in list(self._retained):
@@ -211,11 +217,11 @@ class LiveCache:
         return best
 
     def _least_useful_free(self) -> int:
-        """A free seq_id holding nothing, else the one whose retained KV was used longest ago."""
+        """A free seq_id holding nothing, else the one whose retained KV is worth least."""
         for seq_id in self._free:
             if seq_id not in self._retained:
                 self.kv.seq_remove(seq_id)
                 return seq_id
-        seq_id = min(self._free, key=lambda i: self._retained[i].last_used)
+        seq_id = self._least_valuable(self._free)
         self._drop(seq_id)
         return seq_id
