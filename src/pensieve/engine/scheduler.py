@@ -101,7 +101,7 @@ class Scheduler:
 
     def _admit(self, group: list[Sequence]) -> None:
         leader = group[0]
-        running = [(s.seq_id, s.tokens[: s.num_computed]) for s in self.running
+        running = [(s.seq_id, s.tokens[: s.num_reusable]) for s in self.running
                    if s.seq_id is not None]
         for seq in group:
             is_leader = seq is leader or seq.leader is None
@@ -151,6 +151,6 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         if seq.seq_id is not None:
-            kept = seq.tokens[: seq.num_computed] if retain else None
+            kept = seq.tokens[: seq.num_reusable] if retain else None
             self.cache.release(seq.seq_id, kept)
             seq.seq_id = None

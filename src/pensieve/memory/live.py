@@ -153,6 +153,7 @@ class LiveCache:
         """Give a seq_id back, keeping its KV for reuse when `tokens_in_kv` says what it holds."""
         if tokens_in_kv and self.enabled:
             tokens = np.asarray(tokens_in_kv, dtype=np.int32)
+            self.kv.seq_remove(seq_id, len(tokens), -1)  # keep exactly what is named
             self._retained[seq_id] = _Retained(tokens, time.monotonic())
             if self.tiers is not None:  # also kept outside the context, for later or a restart
                 self.tiers.save(tokens, self.kv.state_get(seq_id))
