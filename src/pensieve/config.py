@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     prefix_cache: bool = Field(
         True, description="Reuse the KV of earlier requests that share an exact token prefix "
         "(a conversation's earlier turns, a common system prompt). Off: no memory at all.")
+    memory_reuse_generated: bool = Field(
+        False, description="Also reuse the KV of generated answers. Saves recomputing the last "
+        "answer each turn, but a follow-up may then differ at near-ties from a fresh "
+        "computation; off, reuse never changes an answer.")
     memory_ram_mb: int = Field(2048, ge=0, le=1 << 24,
                                description="RAM budget for conversations' KV outside the "
                                "llama context, in MiB. 0: no RAM tier.")
@@ -114,7 +118,8 @@ class Settings(BaseSettings):
         )
         memory = self.memory_config(model_digest) if model_digest else None
         return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap,
-                            prefix_cache=self.prefix_cache, memory=memory)
+                            prefix_cache=self.prefix_cache, memory=memory,
+                            reuse_generated=self.memory_reuse_generated)
 
 
 def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:

@@ -210,3 +210,17 @@ def test_retained_kv_is_evicted_before_admission_would_overflow() -> None:
     plan = s.schedule()
     assert [c.seq.request_id for c in plan if c.count > 1] == ["b"]
     assert s.cache.num_retained_tokens == 0
+
+
+def test_only_prompt_kv_is_kept_unless_generated_reuse_is_on() -> None:
+    for reuse_generated, kept in ((False, 30), (True, 33)):
+        s = make_scheduler(2, 10_000, 512, prefix_cache=True, reuse_generated=reuse_generated)
+        a = make_group("a", 30)
+        s.add(a)
+        run_chunks(s.schedule())  # prompt computed, one token sampled
+        for _ in range(3):
+            run_chunks(s.schedule())  # three decode steps: 33 computed, 34 tokens
+        seq_id = a[0].seq_id
+        s.finish(a[0])
+        assert s.cache.num_retained_tokens == kept
+        assert (seq_id, kept, -1) in s.cache.kv.removed  # the KV past what is kept is dropped

@@ -39,6 +39,7 @@ class EngineConfig:
     use_mmap: bool = True
     prefix_cache: bool = True
     memory: MemoryConfig | None = None  # RAM and disk tiers; None: live context only
+    reuse_generated: bool = False  # also reuse KV of generated tokens (faster, not exact)
 
 
 class Engine:
@@ -59,6 +60,7 @@ class Engine:
         self.scheduler = Scheduler(
             cache=self.cache, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
             max_prefills=None if batch_invariant else 1,
+            reuse_generated=config.reuse_generated,
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0

@@ -38,8 +38,9 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, *, cache: LiveCache, n_ctx: int, token_budget: int,
-                 max_prefills: int | None = None) -> None:
+                 max_prefills: int | None = None, reuse_generated: bool = False) -> None:
         self.cache = cache
+        self.reuse_generated = reuse_generated
         self.n_ctx = n_ctx
         self.token_budget = token_budget
         self.max_prefills = max_prefills
@@ -101,7 +102,7 @@ class Scheduler:
 
     def _admit(self, group: list[Sequence]) -> None:
         leader = group[0]
-        running = [(s.seq_id, s.tokens[: s.num_reusable]) for s in self.running
+        running = [(s.seq_id, s.tokens[: self._num_reusable(s)]) for s in self.running
                    if s.seq_id is not None]
         for seq in group:
             is_leader = seq is leader or seq.leader is None
@@ -147,10 +148,21 @@ class Scheduler:
         for seq in [s for s in self.running if s.request_id == request_id]:
             self.finish(seq)
 
+    def _num_reusable(self, seq: Sequence) -> int:
+        """Tokens whose KV later requests may reuse.
+
+        By default only the prompt's: generated tokens' KV was computed one token per step,
+        along other llama.cpp kernels than a prompt chunk, so reusing it can shift a later
+        answer at a near-tie, while prompt KV is bit-identical however it was chunked.
+        """
+        if self.reuse_generated:
+            return seq.num_computed
+        return min(seq.num_computed, seq.num_prompt)
+
     def _evict(self, seq: Sequence, *, retain: bool) -> None:
         if seq in self.running:
             self.running.remove(seq)
         if seq.seq_id is not None:
-            kept = seq.tokens[: seq.num_reusable] if retain else None
+            kept = seq.tokens[: self._num_reusable(seq)] if retain else None
             self.cache.release(seq.seq_id, kept)
             seq.seq_id = None

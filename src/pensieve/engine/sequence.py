@@ -48,16 +48,6 @@ class Sequence:
         return len(self.tokens) - self.num_prompt
 
     @property
-    def num_reusable(self) -> int:
-        """Tokens whose KV another request may reuse: the computed part of the prompt only.
-
-        Generated tokens' KV was computed one token per step, along other llama.cpp kernels than
-        a prompt chunk, so reusing it could shift a later answer at a near-tie. Prompt KV is
-        bit-identical however it was chunked, so reuse never changes an answer.
-        """
-        return min(self.num_computed, self.num_prompt)
-
-    @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
 
