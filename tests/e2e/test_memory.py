@@ -42,21 +42,39 @@ def fourth_turn(server: Server, history: list[dict], **extra) -> dict:
     return turn(server, [*history, {"role": "user", "content": QUESTIONS[3]}], **extra)
 
 
+def first_three_turns(tmp_path: Path, data: Path, *, with_reference: bool = False
+                      ) -> tuple[list[dict], int, dict | None]:
+    """Three turns on a server over `data`, then stop it. Returns the history, the last turn's
+    prompt length and, if asked, the fourth turn computed there with memory off."""
+    server = start_server(tmp_path, data_dir=data)
+    try:
+        history, last_prompt = converse(server, 3)
+        reference = fourth_turn(server, history, cache_prompt=False) if with_reference else None
+    finally:
+        stop_server(server)
+    return history, last_prompt, reference
+
+
+def fourth_turn_after_restart(tmp_path: Path, data: Path, history: list[dict], *flags: str,
+                              reference: bool = False) -> tuple[dict, dict, dict | None]:
+    """The fourth turn on a new server over `data`: (reply, memory counters, and with
+    `reference` the same turn computed there with memory off)."""
+    server = start_server(tmp_path, *flags, data_dir=data)
+    try:
+        reply = fourth_turn(server, history)
+        fresh = fourth_turn(server, history, cache_prompt=False) if reference else None
+        memory = server.model_status()["memory"]
+    finally:
+        stop_server(server)
+    return reply, memory, fresh
+
+
 def test_a_conversation_continues_from_disk_after_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    first = start_server(tmp_path, data_dir=data)
-    try:
-        history, last_prompt = converse(first, 3)
-    finally:
-        stop_server(first)
+    history, last_prompt, _ = first_three_turns(tmp_path, data)
     assert list((data / "memory").glob("*/*.kv"))
-    second = start_server(tmp_path, data_dir=data)
-    try:
-        restored = fourth_turn(second, history)
-        fresh = fourth_turn(second, history, cache_prompt=False)
-        memory = second.model_status()["memory"]
-    finally:
-        stop_server(second)
+    restored, memory, fresh = fourth_turn_after_restart(tmp_path, data, history, reference=True)
+    assert fresh is not None
     cached = restored["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= last_prompt  # the whole third turn came back from disk
     assert memory["hits"]["disk"] >= 1 and memory["tokens_saved"]["disk"] >= cached
@@ -68,12 +86,8 @@ def test_a_conversation_continues_from_disk_after_a_restart(tmp_path: Path) -> N
 def test_damaged_memory_files_are_ignored_and_the_answer_is_still_right(
         tmp_path: Path, damage: str) -> None:
     data = tmp_path / "data"
-    first = start_server(tmp_path, data_dir=data)
-    try:
-        history, _ = converse(first, 3)
-        expected = fourth_turn(first, history, cache_prompt=False)
-    finally:
-        stop_server(first)
+    history, _, expected = first_three_turns(tmp_path, data, with_reference=True)
+    assert expected is not None
     files = list((data / "memory").glob("*/*.kv"))
     assert files
     for path in files:
@@ -83,12 +97,7 @@ def test_damaged_memory_files_are_ignored_and_the_answer_is_still_right(
         else:
             raw[-100] ^= 0xFF
         path.write_bytes(bytes(raw))
-    second = start_server(tmp_path, data_dir=data)
-    try:
-        got = fourth_turn(second, history)
-        memory = second.model_status()["memory"]
-    finally:
-        stop_server(second)
+    got, memory, _ = fourth_turn_after_restart(tmp_path, data, history)
     assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert memory["hits"]["disk"] == 0
     assert got["choices"][0]["message"] == expected["choices"][0]["message"]
@@ -164,17 +173,8 @@ def test_two_models_never_share_memory(tmp_path: Path, default_model: Path) -> N
     other = tmp_path / "other.gguf"
     other.write_bytes(default_model.read_bytes() + b"\0" * 64)
     data = tmp_path / "data"
-    first = start_server(tmp_path, data_dir=data)
-    try:
-        history, _ = converse(first, 3)
-    finally:
-        stop_server(first)
-    second = start_server(tmp_path, "--model", str(other), data_dir=data)
-    try:
-        reply = fourth_turn(second, history)
-        memory = second.model_status()["memory"]
-    finally:
-        stop_server(second)
+    history, _, _ = first_three_turns(tmp_path, data)
+    reply, memory, _ = fourth_turn_after_restart(tmp_path, data, history, "--model", str(other))
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert memory["hits"]["disk"] == 0
     assert len(list((data / "memory").iterdir())) == 2  # one namespace per model file

@@ -74,7 +74,8 @@ class Model:
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._token_buf = (C.llama_token * 4096)()
-        self.eog_ids = tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+        eog = [t for t in range(self.n_vocab) if C.llama_vocab_is_eog(self.vocab, t)]
+        self.eog_ids = frozenset(eog)  # asked once per generated token: no ctypes call then
 
     def close(self) -> None:
         if self.handle:
@@ -148,7 +149,7 @@ class Model:
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self.vocab, token))
+        return token in self.eog_ids
 
 
     @property
@@ -326,7 +327,7 @@ def _sampler_stages(model: Model, p: SamplingParams, seed: int) -> list[object]:
         stages.append(C.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
     if p.ignore_eos and model.eog_ids:
         banned = (C.llama_logit_bias * len(model.eog_ids))(
-            *[C.llama_logit_bias(t, float("-inf")) for t in model.eog_ids]
+            *[C.llama_logit_bias(t, float("-inf")) for t in sorted(model.eog_ids)]
         )
         stages.append(C.llama_sampler_init_logit_bias(model.n_vocab, len(banned), banned))
     if p.has_penalties:
