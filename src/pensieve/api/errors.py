@@ -1,7 +1,16 @@
-"""Errors in each API family's own shape, mapped in one place."""
+"""Errors in each API family's own shape, mapped in one place.
+
+The family is chosen by the route's path, so middleware (auth, limits) and exception handlers answer
+an Ollama client in Ollama's shape and an Anthropic client in Anthropic's without knowing the route:
+
+    /api/...          Ollama     {"error": "message"}
+    /v1/messages...   Anthropic  {"type": "error", "error": {"type": ..., "message": ...}}
+    anything else     OpenAI     {"error": {"message", "type", "param", "code"}}
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
 
 from fastapi import FastAPI, Request
@@ -12,6 +21,49 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pensieve.errors import PensieveError
 
 log = logging.getLogger("pensieve.api")
+
+
+class ApiFamily(enum.StrEnum):
+    OPENAI = "openai"
+    OLLAMA = "ollama"
+    ANTHROPIC = "anthropic"
+
+
+def family_for_path(path: str) -> ApiFamily:
+    if path.startswith("/api/"):
+        return ApiFamily.OLLAMA
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ApiFamily.ANTHROPIC
+    return ApiFamily.OPENAI
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def error_payload(family: ApiFamily, status: int, message: str, *,
+                  type_: str = "invalid_request_error", param: str | None = None,
+                  code: str | None = None) -> dict[str, object]:
+    """The JSON body of an error in `family`'s shape (also used for in-stream error events)."""
+    if family is ApiFamily.OLLAMA:
+        return {"error": message}
+    if family is ApiFamily.ANTHROPIC:
+        kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500
+                                    else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(path: str, status: int, message: str, *,
+                   type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error response in the shape of the API family that `path` belongs to."""
+    body = error_payload(family_for_path(path), status, message, type_=type_, param=param,
+                         code=code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
@@ -56,22 +108,25 @@ def _is_type_tag(part: object) -> bool:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation_error(exc)
-        return openai_error(400, message, param=param, code="invalid_value")
+        return error_response(request.url.path, 400, message, param=param, code="invalid_value")
 
     @app.exception_handler(PensieveError)
-    async def _on_pensieve(_request: Request, exc: PensieveError) -> JSONResponse:
+    async def _on_pensieve(request: Request, exc: PensieveError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("request failed: %s", exc.message)
-        return error_from_exception(exc)
+        return error_response(request.url.path, exc.status_code, exc.message,
+                              type_=exc.error_type, param=exc.param, code=exc.code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return openai_error(exc.status_code, str(exc.detail), code=code)
+        return error_response(request.url.path, exc.status_code, str(exc.detail), code=code,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return openai_error(500, f"Internal error: {type(exc).__name__}", type_="server_error")
+        return error_response(request.url.path, 500, f"Internal error: {type(exc).__name__}",
+                              type_="server_error")

@@ -37,6 +37,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    grammar: str | None = None  # GBNF that constrains the output (structured output, tools)
 
     @property
     def is_greedy(self) -> bool:
