@@ -136,3 +136,24 @@ def test_store_counts_hits_per_tier_and_promotes_disk_to_ram(tmp_path: Path) -> 
     assert fresh.stats.hits["disk"] == 1 and fresh.stats.tokens_saved["disk"] == 40
     assert fresh.stats.misses == 1
     fresh.close()
+
+
+def test_ram_keeps_only_the_longest_of_nested_prefixes() -> None:
+    ram = RamTier(1 << 20)
+    ram.put(snap(0, 10))
+    ram.put(snap(0, 30))  # the conversation's next turn: the 10-token entry is now redundant
+    assert len(ram) == 1 and ram.num_bytes == snap(0, 30).num_bytes
+    ram.put(snap(0, 20))  # already served by the 30-token entry: not stored twice
+    assert len(ram) == 1
+    ram.put(Snapshot(np.array([0, 1, 7], dtype=np.int32), b"x"))
+    assert len(ram) == 2  # diverges from the stored entry: a different conversation
+
+
+def test_disk_keeps_only_the_longest_of_nested_prefixes(tmp_path: Path) -> None:
+    d = disk(tmp_path)
+    d.put(snap(0, 10))
+    d.put(snap(0, 30))
+    d.put(snap(0, 20))
+    d.flush()
+    assert len(d) == 1 and d.best(want(0, 40))[1] == 30
+    assert len(list(d.dir.glob("*.kv"))) == 1

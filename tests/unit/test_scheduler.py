@@ -224,3 +224,73 @@ def test_only_prompt_kv_is_kept_unless_generated_reuse_is_on() -> None:
         s.finish(a[0])
         assert s.cache.num_retained_tokens == kept
         assert (seq_id, kept, -1) in s.cache.kv.removed  # the KV past what is kept is dropped
+
+
+def settle_job(seq: Sequence) -> Sequence:
+    """What the engine queues when `seq` finishes: its whole token list, to compute as a prompt."""
+    return Sequence(request_id=f"settle-{seq.request_id}", index=0, params=seq.params,
+                    tokens=list(seq.tokens), num_prompt=len(seq.tokens), max_tokens=0,
+                    detok=None, sampler=None, num_cached=seq.num_prompt, is_settle=True)
+
+
+def finished_turn(s: Scheduler, rid: str, num_prompt: int, num_output: int) -> Sequence:
+    group = make_group(rid, num_prompt)
+    s.add(group)
+    for _ in range(num_output):
+        run_chunks(s.schedule())
+    s.finish(group[0])
+    return group[0]
+
+
+def test_a_finished_answer_is_settled_into_prompt_kv_when_idle() -> None:
+    s = make_scheduler(4, 10_000, 512, prefix_cache=True, max_prefills=1)
+    turn = finished_turn(s, "a", 30, 10)  # 30 prompt tokens retained, 10 generated
+    assert s.cache.num_retained_tokens == 30
+    s.add_settle(settle_job(turn))
+    assert s.has_work()
+    plan = s.schedule()
+    # the retained prompt is reused; the answer is computed as one prompt chunk, no sampling
+    assert [(c.seq.is_settle, c.start, c.count) for c in plan] == [(True, 30, 10)]
+    run_chunks_settle(s, plan)
+    assert s.settling is None and not s.has_work()
+    assert s.cache.num_retained_tokens == 40  # the whole conversation, as prompt KV
+
+
+def run_chunks_settle(s: Scheduler, plan) -> None:
+    for chunk in plan:
+        chunk.seq.num_computed += chunk.count
+        if chunk.seq.is_settle and chunk.completes:
+            s.finish_settle(chunk.seq)
+
+
+def test_settling_yields_to_requests_and_only_uses_idle_steps() -> None:
+    s = make_scheduler(4, 10_000, 512, prefix_cache=True, max_prefills=1)
+    turn = finished_turn(s, "a", 30, 200)
+    other = make_group("b", 100, first=5000)
+    s.add(other)
+    s.add_settle(settle_job(turn))
+    plan = s.schedule()  # the request's prompt takes the step's prefill slot
+    assert [(c.seq.request_id, c.count) for c in plan] == [("b", 100)]
+    run_chunks(plan)
+    plan = s.schedule()  # b decodes: its numerics must not depend on background work
+    assert [(c.seq.is_settle, c.count) for c in plan] == [(False, 1)]
+    s.finish(other[0])
+    plan = s.schedule()  # idle: the settle job gets a capped chunk
+    assert [(c.seq.is_settle, c.start, c.count) for c in plan] == [(True, 30, 64)]
+
+
+def test_a_request_continuing_the_conversation_cancels_its_settling() -> None:
+    s = make_scheduler(4, 10_000, 512, prefix_cache=True, max_prefills=1)
+    turn = finished_turn(s, "a", 30, 200)
+    job = settle_job(turn)
+    s.add_settle(job)
+    run_chunks_settle(s, s.schedule())  # idle: 64 of the answer's tokens settled so far
+    assert s.settling is job and job.num_computed == 30 + 64
+    next_turn = make_group("a2", 260)  # the conversation goes on: its 230 tokens, then 30 new
+    next_turn[0].tokens[:230] = turn.tokens
+    s.add(next_turn)
+    plan = s.schedule()
+    assert s.settling is None and not s.settle_jobs
+    # the new turn picks up the settled part and computes the rest itself
+    assert next_turn[0].num_cached == 94
+    assert ("a2", 94, 166) in [(c.seq.request_id, c.start, c.count) for c in plan]

@@ -32,8 +32,8 @@ class Sequence:
     tokens: list[int]
     num_prompt: int
     max_tokens: int
-    detok: IncrementalDetokenizer
-    sampler: Sampler
+    detok: IncrementalDetokenizer | None  # None for settle jobs, which never sample
+    sampler: Sampler | None
     leader: Sequence | None = None  # n > 1: forks the leader's prompt KV instead of computing it
     use_cache: bool = True  # may reuse KV of earlier requests that share a prefix
     num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
@@ -42,6 +42,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     followers: list[Sequence] = field(default_factory=list)
+    is_settle: bool = False  # background: recompute a finished answer as prompt KV (scheduler.py)
 
     @property
     def num_output(self) -> int:
@@ -64,4 +65,5 @@ class Sequence:
         return self.leader is not None and self.num_computed == 0
 
     def release(self) -> None:
-        self.sampler.close()
+        if self.sampler is not None:
+            self.sampler.close()

@@ -82,6 +82,7 @@ class TieredStore:
     def entries(self) -> dict[str, list[tuple[str, int, int, float]]]:
         out = {"ram": self.ram.entries()}
         if self.disk is not None:
+            self.disk.flush(timeout=10.0)  # list what is on disk, not what is about to be
             out["disk"] = self.disk.entries()
         return out
 

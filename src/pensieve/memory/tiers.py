@@ -6,6 +6,10 @@ most to recompute per second of idleness (the retention value of the Pensieve pa
 
     value = tokens covered / (seconds since last use + 1)
 
+A snapshot whose tokens are a proper prefix of another's is redundant (restoring the longer one and
+trimming it gives the same KV), so each tier keeps only the longest: a conversation takes one
+entry, however many turns it has had.
+
 Disk files are written atomically (temporary file, fsync, rename) and carry a checksum over
 their tokens and data; a file that is truncated, tampered with or from another model/KV setting
 is ignored (and removed), never restored.
@@ -55,6 +59,11 @@ class Snapshot:
         return len(self.tokens) / (now - self.last_used + 1.0)
 
 
+def is_covered(tokens: np.ndarray, by: np.ndarray) -> bool:
+    """True when `tokens` is a prefix of `by` (so a snapshot of `by` serves it too)."""
+    return len(tokens) <= len(by) and common_prefix(tokens, by) == len(tokens)
+
+
 def _evict_order(items: dict[str, Snapshot]) -> list[str]:
     now = time.monotonic()
     return sorted(items, key=lambda k: items[k].retention_value(now))
@@ -72,9 +81,12 @@ class RamTier:
     def put(self, snap: Snapshot) -> None:
         if snap.num_bytes > self.budget_bytes:
             return
-        old = self._items.pop(snap.key, None)
-        if old is not None:
-            self.num_bytes -= old.num_bytes
+        for key, item in list(self._items.items()):
+            if is_covered(snap.tokens, item.tokens) and key != snap.key:
+                item.last_used = max(item.last_used, snap.last_used)
+                return  # a longer snapshot already serves every lookup this one would
+            if is_covered(item.tokens, snap.tokens):  # the same prefix, or a shorter one
+                self.num_bytes -= self._items.pop(key).num_bytes
         self._items[snap.key] = snap
         self.num_bytes += snap.num_bytes
         for key in _evict_order(self._items):
@@ -203,6 +215,12 @@ class DiskTier:
 
     def _write(self, snap: Snapshot) -> None:
         key = snap.key
+        with self._lock:
+            covered = [k for k, e in self._entries.items() if k != key
+                       and is_covered(snap.tokens, e.tokens)]
+            if covered:
+                self._entries[covered[0]].last_used = time.monotonic()
+                return  # a longer snapshot on disk already serves every lookup this one would
         path = self.dir / f"{key}.kv"
         tokens = snap.tokens.astype("<i4").tobytes()
         header = json.dumps({
@@ -221,6 +239,10 @@ class DiskTier:
         with self._lock:
             self._entries[key] = _DiskEntry(snap.tokens, path, path.stat().st_size,
                                             time.monotonic())
+            shorter = [k for k, e in self._entries.items() if k != key
+                       and is_covered(e.tokens, snap.tokens)]
+        for k in shorter:
+            self._forget(k, remove=True)
         self._enforce_budget()
 
     def _enforce_budget(self) -> None:
