@@ -157,3 +157,14 @@ def test_detokenizer_names_the_stop_string_that_matched() -> None:
     for t in (1, 2):
         plain.add_token(t)
     assert plain.matched_stop is None
+
+
+def test_output_config_format_becomes_a_response_format() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    req = _messages(messages=[{"role": "user", "content": "x"}],
+                    output_config={"effort": "low",
+                                   "format": {"type": "json_schema", "schema": schema}})
+    assert req.to_text_request().response_format == ResponseFormat("json_schema", schema)
+    with pytest.raises(ValidationError):
+        _messages(messages=[{"role": "user", "content": "x"}],
+                  output_config={"format": {"type": "xml", "schema": schema}})

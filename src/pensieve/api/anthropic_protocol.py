@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pensieve.api.chat import ChatMessage, TextRequest
+from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 
@@ -106,6 +106,16 @@ def _merge_same_role(turns: list[ChatMessage]) -> list[ChatMessage]:
     return merged
 
 
+class JsonOutputFormat(_Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema", min_length=1)
+
+
+class OutputConfig(_Strict):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # no effect here
+    format: JsonOutputFormat | None = None
+
+
 class Metadata(_Strict):
     user_id: str | None = Field(None, max_length=512)
 
@@ -119,6 +129,7 @@ class MessagesRequest(_MessagesFields):
     stream: bool = False
     metadata: Metadata | None = None
     service_tier: str | None = None
+    output_config: OutputConfig | None = None
 
     @model_validator(mode="after")
     def _check_stops(self) -> MessagesRequest:
@@ -136,7 +147,10 @@ class MessagesRequest(_MessagesFields):
             top_k=self.top_k or 0,
             stop=tuple(self.stop_sequences or ()),
         )
-        return TextRequest(params, messages=messages, prefill=prefill)
+        fmt = self.output_config.format if self.output_config else None
+        response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None
+        return TextRequest(params, messages=messages, prefill=prefill,
+                           response_format=response_format)
 
 
 class CountTokensRequest(_MessagesFields):

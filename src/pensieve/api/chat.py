@@ -10,6 +10,7 @@ plus `SamplingParams`), runs it with `start_text`, and renders the `Delta`s, `Us
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ from pensieve.api.generation import Generation, start
 from pensieve.engine.types import EngineRequest, FinishReason, ModelInfo, SamplingParams
 from pensieve.runtime import ServedModel
 from pensieve.templates import ChatTemplate
+
+log = logging.getLogger("pensieve.api")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +175,9 @@ async def start_text(served: ServedModel, request: TextRequest, *,
                      id_prefix: str) -> TextGeneration:
     """Load the model if needed, build the prompt and submit it; raises on a rejected prompt."""
     timings = Timings()
+    if request.response_format is not None and request.params.grammar is None:
+        log.info("a %s response format was asked for; it is not enforced without a grammar",
+                 request.response_format.kind)
     info = await served.client.ensure_started()
     timings.loaded_ns = time.perf_counter_ns()
     rid = f"{id_prefix}{uuid.uuid4().hex}"
