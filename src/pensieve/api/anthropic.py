@@ -12,7 +12,6 @@ came from Pensieve's memory (`cache_read_input_tokens`).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +27,6 @@ from pensieve.engine.types import FinishReason
 from pensieve.errors import PensieveError
 from pensieve.runtime import ModelRuntime
 
-log = logging.getLogger("pensieve.api")
 router = APIRouter(tags=["anthropic"])
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -3,37 +3,27 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
+from pensieve.api.protocol import StrictBody
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
-
-log = logging.getLogger("pensieve.api")
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_TEXT = 1 << 24
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    def warn_unknown_fields(self) -> None:
-        if self.model_extra:
-            log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
-
-
-class TextBlock(_Strict):
+class TextBlock(StrictBody):
     type: Literal["text"]
     text: str = Field(max_length=MAX_TEXT)
     cache_control: dict[str, Any] | None = None  # Pensieve remembers every prompt anyway
 
 
-class OtherBlock(_Strict):
+class OtherBlock(StrictBody):
     """Blocks a text-only model without tools cannot take; refused with a clear message."""
 
     type: Literal["image", "document", "tool_use", "tool_result", "thinking",
@@ -57,12 +47,12 @@ def _blocks_text(content: str | list[Block], param: str) -> str:
     return "".join(parts)
 
 
-class Message(_Strict):
+class Message(StrictBody):
     role: Literal["user", "assistant"]
     content: str | list[Block] = Field(max_length=MAX_TEXT)
 
 
-class _MessagesFields(_Strict):
+class _MessagesFields(StrictBody):
     """What /v1/messages and /v1/messages/count_tokens share: the prompt."""
 
     model: str = Field(min_length=1, max_length=512)
@@ -106,17 +96,17 @@ def _merge_same_role(turns: list[ChatMessage]) -> list[ChatMessage]:
     return merged
 
 
-class JsonOutputFormat(_Strict):
+class JsonOutputFormat(StrictBody):
     type: Literal["json_schema"]
     schema_: dict[str, Any] = Field(alias="schema", min_length=1)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictBody):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # no effect here
     format: JsonOutputFormat | None = None
 
 
-class Metadata(_Strict):
+class Metadata(StrictBody):
     user_id: str | None = Field(None, max_length=512)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,6 @@ from pensieve.engine.types import FinishReason, ModelInfo
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
 
-log = logging.getLogger("pensieve.api")
 router = APIRouter(tags=["ollama"])
 
 # The Ollama release whose API these routes follow; clients gate features on it.
@@ -79,7 +77,7 @@ async def generate(request: Request) -> JSONResponse | StreamingResponse:
     body.check_supported()
     served = _runtime(request).get(body.model)
     info = await served.client.ensure_started()
-    if not body.prompt and not body.context and body.suffix is None:
+    if not body.prompt and not body.context and not body.suffix:
         return JSONResponse({**_head(served), "response": "", "done": True,
                              "done_reason": "load"})
     tokens = await _generate_tokens(served, info, body)
@@ -100,7 +98,7 @@ async def _generate_tokens(served: ServedModel, info: ModelInfo,
                            body: GenerateRequest) -> list[int]:
     """The prompt's token ids: earlier `context` first, then this turn's prompt."""
     client = served.client
-    if body.suffix is not None:
+    if body.suffix:
         return await _fill_in_the_middle(served, info, body)
     if body.raw:
         prompt = body.prompt

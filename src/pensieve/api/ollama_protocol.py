@@ -8,9 +8,10 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pensieve.api.chat import ChatMessage, ResponseFormat
+from pensieve.api.protocol import StrictBody
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 
@@ -28,15 +29,7 @@ _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv
                  "num_keep", "penalize_newline", "tfs_z"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    def warn_unknown_fields(self) -> None:
-        if self.model_extra:
-            log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
-
-
-class Options(_Strict):
+class Options(StrictBody):
     """Ollama's `options`, the runtime ones mapped onto `SamplingParams`."""
 
     num_ctx: int | None = Field(None, ge=1, le=1 << 24)
@@ -108,7 +101,7 @@ def parse_keep_alive(value: float | int | str | None) -> float | None:
         return None
     if isinstance(value, str):
         value = _parse_duration(value.strip())
-    if not math.isfinite(value) and not math.isinf(value):
+    if math.isnan(value):
         raise ValueError("keep_alive must be a number of seconds or a duration like '5m'")
     return math.inf if value < 0 else float(value)
 
@@ -139,7 +132,7 @@ def parse_format(value: str | dict[str, Any] | None) -> ResponseFormat | None:
     return ResponseFormat("json_schema", value)
 
 
-class _GenerateFields(_Strict):
+class _GenerateFields(StrictBody):
     """Fields shared by /api/chat and /api/generate."""
 
     model: str = Field(min_length=1, max_length=512)
@@ -187,7 +180,7 @@ def refuse_images(images: list[Any] | None, param: str) -> None:
                              param=param, code="unsupported_content")
 
 
-class OllamaMessage(_Strict):
+class OllamaMessage(StrictBody):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field("", max_length=1 << 24)
     images: list[Any] | None = None
