@@ -56,6 +56,10 @@ class TextRequest:
     response_format: ResponseFormat | None = None
     keep_alive_s: float | None = None  # seconds to keep the model loaded; None: server default
 
+    def __post_init__(self) -> None:
+        sources = (self.messages, self.prompt, self.prompt_tokens)
+        assert sum(s is not None for s in sources) == 1, "exactly one prompt source"
+
 
 def chat_template(info: ModelInfo) -> ChatTemplate:
     return ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
