@@ -23,6 +23,7 @@ class IncrementalDetokenizer:
         self._text = ""
         self._num_sent = 0
         self.stopped = False
+        self.matched_stop: str | None = None  # the stop string that ended the text, if one did
 
     @property
     def text(self) -> str:
@@ -49,10 +50,11 @@ class IncrementalDetokenizer:
         return self._release(len(self._text))
 
     def _cut_at_stop(self, search_from: int) -> bool:
-        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := self._text.find(s, search_from)) >= 0]
         if not hits:
             return False
-        self._text = self._text[: min(hits)]
+        cut, self.matched_stop = min(hits, key=lambda hit: hit[0])
+        self._text = self._text[:cut]
         self.stopped = True
         return True
 

@@ -303,6 +303,7 @@ class Engine:
             return self._finish(seq, out, FinishReason.STOP)
         out.text = seq.detok.add_token(token)
         if seq.detok.stopped:
+            out.stop_string = seq.detok.matched_stop
             return self._finish(seq, out, FinishReason.STOP)
         if seq.num_output >= seq.max_tokens or len(seq.tokens) >= self.n_ctx_limit:
             out.text += seq.detok.flush()

@@ -86,6 +86,7 @@ class SeqOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    stop_string: str | None = None  # set when a stop string (not end-of-generation) finished it
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,147 @@
+"""Anthropic Messages request models (pydantic, strict types) and their translation to a
+`TextRequest`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
+from pensieve.api.protocol import StrictBody
+from pensieve.engine.types import SamplingParams
+from pensieve.errors import InvalidRequest
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+MAX_TEXT = 1 << 24
+
+
+class TextBlock(StrictBody):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT)
+    cache_control: dict[str, Any] | None = None  # Pensieve remembers every prompt anyway
+
+
+class OtherBlock(StrictBody):
+    """Blocks a text-only model without tools cannot take; refused with a clear message."""
+
+    type: Literal["image", "document", "tool_use", "tool_result", "thinking",
+                  "redacted_thinking", "server_tool_use", "web_search_tool_result",
+                  "search_result", "container_upload"]
+
+
+Block = Annotated[TextBlock | OtherBlock, Field(discriminator="type")]
+
+
+def _blocks_text(content: str | list[Block], param: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if not isinstance(block, TextBlock):
+            raise InvalidRequest(f"Content blocks of type {block.type!r} are not supported: "
+                                 "this model reads text only and no tools are served. Send "
+                                 "text blocks.", param=param, code="unsupported_content")
+        parts.append(block.text)
+    return "".join(parts)
+
+
+class Message(StrictBody):
+    role: Literal["user", "assistant"]
+    content: str | list[Block] = Field(max_length=MAX_TEXT)
+
+
+class _MessagesFields(StrictBody):
+    """What /v1/messages and /v1/messages/count_tokens share: the prompt."""
+
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[Message] = Field(min_length=1, max_length=4096)
+    system: str | list[TextBlock] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> _MessagesFields:
+        if self.tools:
+            raise ValueError("tool use is not supported yet; send no tools")
+        if self.thinking and self.thinking.get("type") not in (None, "disabled"):
+            raise ValueError("extended thinking is not supported by this model; leave it "
+                             "disabled")
+        if self.messages[0].role != "user":
+            raise ValueError("the first message must use the 'user' role")
+        return self
+
+    def chat_messages(self) -> tuple[tuple[ChatMessage, ...], str]:
+        """The conversation, and the trailing assistant text the answer continues (if any)."""
+        system = _blocks_text(self.system, "system") if self.system is not None else ""
+        turns = [ChatMessage("system", system)] if system else []
+        for i, m in enumerate(self.messages):
+            turns.append(ChatMessage(m.role, _blocks_text(m.content, f"messages.{i}.content")))
+        merged = _merge_same_role(turns)
+        if merged[-1].role == "assistant":
+            return tuple(merged[:-1]), merged[-1].content.rstrip()
+        return tuple(merged), ""
+
+
+def _merge_same_role(turns: list[ChatMessage]) -> list[ChatMessage]:
+    """Consecutive turns of one role become one, as the Messages API specifies."""
+    merged: list[ChatMessage] = []
+    for turn in turns:
+        if merged and merged[-1].role == turn.role:
+            merged[-1] = ChatMessage(turn.role, merged[-1].content + "\n\n" + turn.content)
+        else:
+            merged.append(turn)
+    return merged
+
+
+class JsonOutputFormat(StrictBody):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema", min_length=1)
+
+
+class OutputConfig(StrictBody):
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # no effect here
+    format: JsonOutputFormat | None = None
+
+
+class Metadata(StrictBody):
+    user_id: str | None = Field(None, max_length=512)
+
+
+class MessagesRequest(_MessagesFields):
+    max_tokens: int = Field(ge=1, le=1 << 20)
+    stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    stream: bool = False
+    metadata: Metadata | None = None
+    service_tier: str | None = None
+    output_config: OutputConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_stops(self) -> MessagesRequest:
+        stops = self.stop_sequences or []
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop sequences must hold 1 to {MAX_STOP_LENGTH} characters")
+        return self
+
+    def to_text_request(self) -> TextRequest:
+        messages, prefill = self.chat_messages()
+        params = SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            stop=tuple(self.stop_sequences or ()),
+        )
+        fmt = self.output_config.format if self.output_config else None
+        response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None
+        return TextRequest(params, messages=messages, prefill=prefill,
+                           response_format=response_format)
+
+
+class CountTokensRequest(_MessagesFields):
+    pass
