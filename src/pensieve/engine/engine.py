@@ -64,8 +64,6 @@ class Engine:
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0
-        # Settle finished answers into exact prompt KV (only where memory keeps prompt KV only).
-        self.settles = config.prefix_cache and not config.reuse_generated
 
     def close(self) -> None:
         for group in self._requests.values():
@@ -248,9 +246,8 @@ class Engine:
             seq = chunk.seq
             tokens = seq.tokens[chunk.start : chunk.start + chunk.count]
             assert seq.seq_id is not None
-            wants_logits = chunk.completes and not seq.is_settle
-            idx = self.batch.add(tokens, chunk.start, seq.seq_id, wants_logits)
-            if wants_logits:
+            idx = self.batch.add(tokens, chunk.start, seq.seq_id, chunk.completes)
+            if chunk.completes:
                 sample_at[id(seq)] = idx
         return sample_at
 
@@ -259,10 +256,6 @@ class Engine:
         outputs: list[SeqOutput] = []
         for chunk in plan:
             leader = chunk.seq
-            if leader.is_settle:
-                if chunk.completes:
-                    self.scheduler.finish_settle(leader)
-                continue
             forked = self._fork_followers(leader) if leader.followers else []
             idx = sample_at.get(id(leader))
             if idx is None:
@@ -285,7 +278,6 @@ class Engine:
         return forked
 
     def _sample(self, seq: Sequence, idx: int) -> SeqOutput:
-        assert seq.sampler is not None and seq.detok is not None
         token = seq.sampler.sample(self.ctx, idx)  # leaves the context's logits untouched
         seq.tokens.append(token)
         out = SeqOutput(
@@ -327,37 +319,13 @@ class Engine:
         out.num_output_tokens = seq.num_output
         seq.finish_reason = reason
         self.scheduler.finish(seq)
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self._settle(seq)
         group = self._requests.get(seq.request_id)
         if group is not None and all(s.is_finished for s in group):
             for s in self._requests.pop(seq.request_id):
                 s.release()
         return out
 
-    def _settle(self, seq: Sequence) -> None:
-        """Queue the recomputation of a finished answer as prompt KV (background work).
-
-        Memory keeps prompt KV only (generated tokens' KV is computed along other kernels), so
-        without this the next turn recomputes the last answer. Settled, the next turn of the
-        conversation computes only its new message, and reuse still never changes an answer:
-
-            tokens:   [ prompt (retained KV) | answer ]
-            settle:    reuse ^^^^^^^^^^^^^^^   compute as a prompt chunk -> retain all
-        """
-        if not self.settles or seq.index != 0 or not seq.use_cache or seq.num_output == 0:
-            return
-        if len(seq.tokens) >= self.n_ctx_limit:
-            return
-        job = Sequence(request_id=f"settle-{seq.request_id}", index=0, params=seq.params,
-                       tokens=list(seq.tokens), num_prompt=len(seq.tokens), max_tokens=0,
-                       detok=None, sampler=None, num_cached=seq.num_prompt, is_settle=True)
-        self.scheduler.add_settle(job)
-
     def _on_no_kv_room(self) -> list[SeqOutput]:
-        if self.scheduler.settling is not None:
-            self.scheduler.stop_settling(retain=False)
-            return []
         if self.cache.evict_one():  # retained KV of finished requests goes first
             return []
         victim = self.scheduler.preempt_newest()
@@ -370,9 +338,6 @@ class Engine:
         outputs = []
         for chunk in plan:
             seq = chunk.seq
-            if seq.is_settle:
-                self.scheduler.stop_settling(retain=False)
-                continue
             out = SeqOutput(seq.request_id, seq.index, error=message,
                             num_prompt_tokens=seq.num_prompt)
             outputs.append(self._finish(seq, out, FinishReason.ERROR))

@@ -10,14 +10,6 @@ attention over a unified KV cache gives slightly different logits when two promp
 in one ubatch, and that would make a request's output depend on what else was in the batch.
 When llama.cpp finds no KV room anyway, the newest running request is preempted: its KV is dropped
 and it goes back to the head of the queue to be recomputed later (its tokens are kept).
-
-4. with the step's prefill slot still free and nobody waiting, one "settle" job gets a chunk: it
-   recomputes a finished answer's tokens the way a prompt is computed, on top of the retained KV of
-   its prompt, so the memory then holds the whole conversation as exact prompt KV and the next
-   turn computes only its new message (see `Engine._settle`). Settling is background work that
-   only runs in otherwise idle steps: a prompt chunk in a step changes the matmul paths of the
-   streams decoding beside it, and background work must never change an answer. A request
-   continuing the same conversation cancels it and picks up what was settled so far.
 """
 
 from __future__ import annotations
@@ -30,10 +22,6 @@ from pensieve.memory.live import LiveCache
 
 # Cells set aside for each running sequence's next tokens when admitting a new one.
 _DECODE_HEADROOM = 32
-# Largest settle chunk in a step: bounds how long a request arriving mid-step waits (~0.2 s).
-_SETTLE_CHUNK = 64
-# Settle jobs queued at most; older ones are dropped (their answers are recomputed if needed).
-_MAX_SETTLE_JOBS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +46,6 @@ class Scheduler:
         self.max_prefills = max_prefills
         self.waiting: deque[list[Sequence]] = deque()  # one group (the n choices) per request
         self.running: list[Sequence] = []
-        self.settle_jobs: deque[Sequence] = deque()  # background: finished answers to settle
-        self.settling: Sequence | None = None  # the settle job holding a seq_id, if any
 
     @property
     def num_waiting(self) -> int:
@@ -70,16 +56,10 @@ class Scheduler:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self.settling
-                     or (self.settle_jobs and self.cache.num_free > 0))
+        return bool(self.running or self.waiting)
 
     def add(self, group: list[Sequence]) -> None:
         self.waiting.append(group)
-
-    def add_settle(self, job: Sequence) -> None:
-        self.settle_jobs.append(job)
-        while len(self.settle_jobs) > _MAX_SETTLE_JOBS:
-            self.settle_jobs.popleft()
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.token_budget
@@ -105,78 +85,16 @@ class Scheduler:
             plan.append(ScheduledChunk(leader, leader.num_computed, count))
             budget -= count
             prefills -= count > 1
-        if not plan and not self.waiting:  # idle: settle a finished answer, a chunk at a time
-            chunk = self._settle_chunk(min(budget, _SETTLE_CHUNK))
-            if chunk is not None:
-                plan.append(chunk)
         return plan
 
-    # --- settling finished answers (background) ---------------------------------------------
-    def _settle_chunk(self, budget: int) -> ScheduledChunk | None:
-        while self.settling is None and self.settle_jobs:
-            self._start_settle(self.settle_jobs.popleft())
-        job = self.settling
-        if job is None:
-            return None
-        return ScheduledChunk(job, job.num_computed, min(job.num_pending, budget))
-
-    def _start_settle(self, job: Sequence) -> None:
-        if self.cache.num_free == 0 or not self._fits(len(job.tokens) - job.num_cached, 1):
-            return
-        running = [(s.seq_id, s.tokens[: self._num_reusable(s)]) for s in self.running
-                   if s.seq_id is not None]
-        acquired = self.cache.acquire(job.tokens, running, count=False)
-        job.seq_id, job.num_computed = acquired.seq_id, acquired.num_reused
-        if acquired.num_reused < job.num_cached:  # its prompt's KV is gone: not worth it
-            self.stop_settling(job, retain=True)
-            return
-        job.status = SeqStatus.RUNNING
-        self.settling = job
-
-    def finish_settle(self, job: Sequence) -> None:
-        self.stop_settling(job, retain=True)
-
-    def stop_settling(self, job: Sequence | None = None, *, retain: bool) -> None:
-        """Give the settle job's seq_id back, keeping the KV computed so far when `retain`."""
-        job = job or self.settling
-        if job is None:
-            return
-        if job.seq_id is not None:
-            kept = job.tokens[: job.num_computed] if retain else None
-            self.cache.release(job.seq_id, kept)
-            job.seq_id = None
-        job.status = SeqStatus.FINISHED
-        if job is self.settling:
-            self.settling = None
-
-    def _cancel_settles_continued_by(self, tokens: list[int]) -> None:
-        """A new request continues these conversations: it computes their answers itself."""
-        def continued(job: Sequence) -> bool:
-            n = job.num_cached
-            return len(tokens) >= n and tokens[:n] == job.tokens[:n]
-        self.settle_jobs = deque(j for j in self.settle_jobs if not continued(j))
-        if self.settling is not None and continued(self.settling):
-            self.stop_settling(retain=True)
-
     def _can_admit(self, group: list[Sequence]) -> bool:
-        if self.cache.num_free < len(group) and self.settling is not None:
-            self.stop_settling(retain=True)  # requests come before background work
         if self.cache.num_free < len(group):
             return False
-        if not self.running and self.settling is None:
+        if not self.running:
             return True
-        needed = len(group[0].tokens) + sum(s.num_output for s in group[1:])
-        if self._fits(needed, len(group)):
-            return True
-        self.stop_settling(retain=False)
-        return self._fits(needed, len(group))
-
-    def _fits(self, needed: int, num_new: int) -> bool:
-        """Whether `needed` more KV cells fit, evicting retained KV of finished requests."""
         used = sum(len(s.tokens) for s in self.running)
-        if self.settling is not None:
-            used += len(self.settling.tokens)
-        reserve = _DECODE_HEADROOM * (len(self.running) + num_new)
+        reserve = _DECODE_HEADROOM * (len(self.running) + len(group))
+        needed = len(group[0].tokens) + sum(s.num_output for s in group[1:])
         while used + needed + reserve + self.cache.num_retained_tokens > self.n_ctx:
             if not self.cache.evict_one():
                 return False
@@ -184,8 +102,6 @@ class Scheduler:
 
     def _admit(self, group: list[Sequence]) -> None:
         leader = group[0]
-        if leader.use_cache:
-            self._cancel_settles_continued_by(leader.tokens)
         running = [(s.seq_id, s.tokens[: self._num_reusable(s)]) for s in self.running
                    if s.seq_id is not None]
         for seq in group:

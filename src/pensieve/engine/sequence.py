@@ -32,8 +32,8 @@ class Sequence:
     tokens: list[int]
     num_prompt: int
     max_tokens: int
-    detok: IncrementalDetokenizer | None  # None for settle jobs, which never sample
-    sampler: Sampler | None
+    detok: IncrementalDetokenizer
+    sampler: Sampler
     leader: Sequence | None = None  # n > 1: forks the leader's prompt KV instead of computing it
     use_cache: bool = True  # may reuse KV of earlier requests that share a prefix
     num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
@@ -42,7 +42,6 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     followers: list[Sequence] = field(default_factory=list)
-    is_settle: bool = False  # background: recompute a finished answer as prompt KV (scheduler.py)
 
     @property
     def num_output(self) -> int:
@@ -65,5 +64,4 @@ class Sequence:
         return self.leader is not None and self.num_computed == 0
 
     def release(self) -> None:
-        if self.sampler is not None:
-            self.sampler.close()
+        self.sampler.close()

@@ -98,12 +98,11 @@ class LiveCache:
         return sum(len(r.tokens) for r in self._retained.values())
 
     def acquire(self, tokens: list[int], running: Iterable[tuple[int, list[int]]] = (),
-                *, reuse: bool = True, count: bool = True) -> Acquired:
+                *, reuse: bool = True) -> Acquired:
         """Take a free seq_id for `tokens`, with the longest prefix of them already in its KV.
 
         `running` gives (seq_id, tokens with KV) of the running sequences, to copy from. At least
-        the last token is always left to compute, so there are logits to sample from. `count`:
-        add the outcome to the hit/miss counters (background work does not).
+        the last token is always left to compute, so there are logits to sample from.
         """
         if not self._free:
             raise RuntimeError("no free seq_id")  # the scheduler checks num_free first
@@ -114,18 +113,18 @@ class LiveCache:
         own_id, own_len = self._best_free(want)
         src_id, src_len = self._best_running(want, running)
         live_len = max(own_len, src_len)
-        acquired = self._restore(want, live_len)
-        if acquired is None and own_len >= src_len and own_len > 0:
+        restored = self._restore(want, live_len)
+        if restored is not None:
+            return restored
+        if own_len >= src_len and own_len > 0:
             seq_id = self._take(own_id)
             self.kv.seq_remove(seq_id, own_len, -1)
-            acquired = Acquired(seq_id, own_len, "live")
-        if acquired is None:
-            seq_id = self._take(self._least_useful_free())
-            if src_len > 0 and src_id is not None:
-                self.kv.copy_prefix(src_id, seq_id, src_len)
-            acquired = Acquired(seq_id, src_len if src_id is not None else 0,
-                                "live" if src_len > 0 else "none")
-        return self._record(acquired) if count else acquired
+            return self._record(Acquired(seq_id, own_len, "live"))
+        seq_id = self._take(self._least_useful_free())
+        if src_len > 0 and src_id is not None:
+            self.kv.copy_prefix(src_id, seq_id, src_len)
+            return self._record(Acquired(seq_id, src_len, "live"))
+        return self._record(Acquired(seq_id, 0))
 
     def _restore(self, want: np.ndarray, live_len: int) -> Acquired | None:
         """Bring back a longer prefix from RAM or disk, when one beats the live tier."""
@@ -143,7 +142,7 @@ class LiveCache:
             self._free.append(seq_id)
             return None
         self.kv.seq_remove(seq_id, length, -1)
-        return Acquired(seq_id, length, tier)
+        return self._record(Acquired(seq_id, length, tier))
 
     def _record(self, acquired: Acquired) -> Acquired:
         if self.tiers is not None:
