@@ -157,3 +157,23 @@ def test_disk_keeps_only_the_longest_of_nested_prefixes(tmp_path: Path) -> None:
     d.flush()
     assert len(d) == 1 and d.best(want(0, 40))[1] == 30
     assert len(list(d.dir.glob("*.kv"))) == 1
+
+
+def test_a_disk_snapshot_is_read_ahead_once_and_still_counts_as_disk(tmp_path: Path) -> None:
+    cfg = MemoryConfig(ram_bytes=1 << 20, disk_bytes=1 << 30, disk_dir=str(tmp_path),
+                       namespace="ns")
+    store = TieredStore(cfg)
+    store.save(want(0, 40), b"state")
+    store.close()
+    fresh = TieredStore(cfg)
+    assert fresh.disk is not None
+    read = fresh.prefetch(want(0, 39))
+    assert read is not None and fresh.prefetch(want(0, 39)) is read  # one read per snapshot
+    read.result(timeout=10)
+    calls: list[str] = []
+    fresh.disk.load = lambda key: calls.append(key)  # type: ignore[method-assign]
+    assert fresh.best(want(0, 39)) == ("disk", 39)  # read ahead, but it came from disk
+    assert fresh.load("disk", want(0, 39)) == b"state" and calls == []  # no second read
+    assert fresh.prefetch(want(0, 39)) is None  # now in RAM: nothing to read ahead
+    assert fresh.prefetch(want(1000, 5)) is None  # nothing on disk for it
+    fresh.close()

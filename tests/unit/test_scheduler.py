@@ -224,3 +224,27 @@ def test_only_prompt_kv_is_kept_unless_generated_reuse_is_on() -> None:
         s.finish(a[0])
         assert s.cache.num_retained_tokens == kept
         assert (seq_id, kept, -1) in s.cache.kv.removed  # the KV past what is kept is dropped
+
+
+def test_a_request_whose_kv_is_read_from_disk_lets_the_next_one_go_first() -> None:
+    s = make_scheduler(4, 10_000, 512)
+    s.add(make_group("running", 10, first=9000))
+    run_chunks(s.schedule())
+    read_done = False
+    slow = make_group("restoring", 40)
+    slow[0].restore_ready = lambda: read_done
+    s.add(slow)
+    s.add(make_group("next", 20, first=5000))
+    plan = s.schedule()
+    assert [c.seq.request_id for c in plan] == ["running", "next"]
+    read_done = True
+    plan = s.schedule()
+    assert "restoring" in [c.seq.request_id for c in plan]
+
+
+def test_with_nothing_else_to_do_a_restoring_request_is_admitted_at_once() -> None:
+    s = make_scheduler(4, 10_000, 512)
+    slow = make_group("restoring", 40)
+    slow[0].restore_ready = lambda: False
+    s.add(slow)
+    assert [c.seq.request_id for c in s.schedule()] == ["restoring"]  # the load waits there

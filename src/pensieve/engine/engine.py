@@ -157,6 +157,9 @@ class Engine:
             return RequestRejected(req.request_id, problem[0], param=problem[1],
                                    code=problem[2])
         group = self._make_group(req, tokens)
+        if self.tiers is not None and req.use_cache:
+            read = self.tiers.prefetch(np.asarray(tokens[:-1], dtype=np.int32))
+            group[0].restore_ready = read.done if read is not None else None
         self._requests[req.request_id] = group
         self.scheduler.add(group)
         return RequestAccepted(req.request_id, len(tokens))

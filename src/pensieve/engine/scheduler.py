@@ -4,7 +4,9 @@ Policy (continuous batching with chunked prefill):
 1. every running sequence that is decoding gets its one new token;
 2. sequences still catching up on their prompt get chunks, oldest first, from what is left of the
    step's token budget, so a long prompt never stalls the running streams;
-3. waiting requests are admitted, oldest first, while a seq_id, the token budget and KV cells allow.
+3. waiting requests are admitted, oldest first, while a seq_id, the token budget and KV cells allow;
+   one whose remembered KV is still being read from disk waits (while others run) and lets the
+   requests behind it go first, so the disk read overlaps with their computation.
 With `max_prefills` set, at most that many multi-token chunks share a step: llama.cpp's CPU flash
 attention over a unified KV cache gives slightly different logits when two prompts are prefilled
 in one ubatch, and that would make a request's output depend on what else was in the batch.
@@ -77,8 +79,14 @@ class Scheduler:
                 plan.append(ScheduledChunk(seq, seq.num_computed, count))
                 budget -= count
                 prefills -= count > 1
-        while budget > 0 and prefills > 0 and self.waiting and self._can_admit(self.waiting[0]):
-            group = self.waiting.popleft()
+        for group in list(self.waiting):
+            if budget <= 0 or prefills <= 0:
+                break
+            if self.running and not group[0].is_restore_ready:
+                continue  # its KV is still being read from disk: others compute meanwhile
+            if not self._can_admit(group):
+                break
+            self.waiting.remove(group)
             self._admit(group)
             leader = group[0]
             count = min(leader.num_pending, budget)

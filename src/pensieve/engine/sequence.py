@@ -11,6 +11,7 @@ phase, only `num_computed` trailing `len(tokens)`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
@@ -42,6 +43,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     followers: list[Sequence] = field(default_factory=list)
+    # While its KV is being read from disk ahead of admission: says when the read is done.
+    restore_ready: Callable[[], bool] | None = None
 
     @property
     def num_output(self) -> int:
@@ -58,6 +61,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
+
+    @property
+    def is_restore_ready(self) -> bool:
+        return self.restore_ready is None or self.restore_ready()
 
     @property
     def waits_for_leader(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +37,22 @@ def namespace_for(model_digest: str, **kv_settings: object) -> str:
     return hashlib.sha256(f"{model_digest}|{settings}|v1".encode()).hexdigest()[:24]
 
 
+# A disk prefix must beat RAM's by this many tokens to be worth reading ahead.
+_PREFETCH_MARGIN = 4
+_MAX_READS_AHEAD = 8
+
+
 class TieredStore:
+    """RAM and disk behind the live tier. Used from the engine thread only; disk reads ahead of a
+    restore (`prefetch`) run on a reader thread and land in RAM when the engine next looks."""
+
     def __init__(self, config: MemoryConfig) -> None:
         self.ram = RamTier(config.ram_bytes)
         self.disk = (DiskTier(Path(config.disk_dir), config.namespace, config.disk_bytes)
                      if config.disk_dir else None)
         self.stats = MemoryStats()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="pensieve-disk-read")
+        self._reads: dict[str, Future[Snapshot | None]] = {}  # disk key -> read in flight/done
         if self.disk is not None and len(self.disk):
             log.info("memory: %d conversations on disk (%.1f MiB)", len(self.disk),
                      self.disk.num_bytes / 2**20)
@@ -51,6 +62,20 @@ class TieredStore:
         self.ram.put(snap)
         if self.disk is not None:
             self.disk.put(snap)
+
+    def prefetch(self, want: np.ndarray) -> Future[Snapshot | None] | None:
+        """Start reading the disk snapshot that would serve `want`, when it beats RAM's; the
+        request can wait for it while other sequences keep computing (see Scheduler)."""
+        if self.disk is None or len(want) == 0:
+            return None
+        key, disk_len = self.disk.best(want)
+        if key is None or disk_len < self.ram.best(want)[1] + _PREFETCH_MARGIN:
+            return None
+        if key not in self._reads:
+            while len(self._reads) >= _MAX_READS_AHEAD:  # reads nobody came back for
+                self._reads.pop(next(iter(self._reads)))
+            self._reads[key] = self._reader.submit(self.disk.load, key)
+        return self._reads[key]
 
     def best(self, want: np.ndarray) -> tuple[str, int]:
         _, ram_len = self.ram.best(want)
@@ -66,7 +91,10 @@ class TieredStore:
         if self.disk is None:
             return None
         key, _ = self.disk.best(want)
-        snap = self.disk.load(key) if key is not None else None
+        if key is None:
+            return None
+        read = self._reads.pop(key, None)  # read ahead (or still being read): no second read
+        snap = read.result() if read is not None else self.disk.load(key)
         if snap is None:
             return None
         self.ram.put(snap)  # promote: the next turn finds it in RAM
@@ -93,5 +121,6 @@ class TieredStore:
         return removed
 
     def close(self) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
         if self.disk is not None:
             self.disk.close()
