@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
-from pensieve.engine.llama import Batch, Context, ContextConfig, Model, Sampler
+from pensieve.engine.llama import Batch, Context, ContextConfig, GrammarError, Model, Sampler
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.sequence import Sequence
 from pensieve.engine.types import (
@@ -156,7 +156,11 @@ class Engine:
         if problem is not None:
             return RequestRejected(req.request_id, problem[0], param=problem[1],
                                    code=problem[2])
-        group = self._make_group(req, tokens)
+        try:
+            group = self._make_group(req, tokens)
+        except GrammarError as exc:
+            return RequestRejected(req.request_id, str(exc), param="grammar",
+                                   code="invalid_grammar")
         self._requests[req.request_id] = group
         self.scheduler.add(group)
         return RequestAccepted(req.request_id, len(tokens))
@@ -197,22 +201,31 @@ class Engine:
         max_tokens = min(p.max_tokens, room) if p.max_tokens is not None else room
         base_seed = p.seed if p.seed is not None else random.getrandbits(31)
         group: list[Sequence] = []
-        for i in range(p.n):
-            seq = Sequence(
-                request_id=req.request_id,
-                index=i,
-                params=p,
-                tokens=list(tokens),
-                num_prompt=len(tokens),
-                max_tokens=max_tokens,
-                detok=IncrementalDetokenizer(self.model.piece, p.stop),
-                sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
-                leader=group[0] if group else None,
-                use_cache=req.use_cache,
-            )
-            group.append(seq)
+        try:
+            for i in range(p.n):
+                group.append(self._make_sequence(req, tokens, max_tokens, base_seed, i, group))
+        except GrammarError:
+            for seq in group:
+                seq.release()
+            raise
         group[0].followers = group[1:]
         return group
+
+    def _make_sequence(self, req: EngineRequest, tokens: list[int], max_tokens: int,
+                       base_seed: int, i: int, group: list[Sequence]) -> Sequence:
+        p = req.params
+        return Sequence(
+            request_id=req.request_id,
+            index=i,
+            params=p,
+            tokens=list(tokens),
+            num_prompt=len(tokens),
+            max_tokens=max_tokens,
+            detok=IncrementalDetokenizer(self.model.piece, p.stop),
+            sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
+            leader=group[0] if group else None,
+            use_cache=req.use_cache,
+        )
 
     def abort(self, request_id: str) -> None:
         group = self._requests.pop(request_id, None)

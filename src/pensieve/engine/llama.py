@@ -294,8 +294,16 @@ class Batch:
         return i + n - 1
 
 
+class GrammarError(LlamaError):
+    """llama.cpp could not parse a GBNF grammar."""
+
+
 class Sampler:
-    """A llama.cpp sampler chain for one sequence, built from its SamplingParams."""
+    """A llama.cpp sampler chain for one sequence, built from its SamplingParams.
+
+    A grammar goes first, as in llama.cpp's common sampler: it masks every token the grammar
+    does not allow before bias, penalties and greedy or random choice see the logits.
+    """
 
     def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
         chain_params = C.llama_sampler_chain_default_params()
@@ -303,8 +311,16 @@ class Sampler:
         self.handle = C.llama_sampler_chain_init(chain_params)
         if not self.handle:
             raise LlamaError("could not create a sampler chain")
+        if params.grammar is not None:
+            stage = C.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+            if not stage:
+                self.close()
+                raise GrammarError("llama.cpp could not parse the grammar (GBNF) or it has no "
+                                   "'root' rule")
+            C.llama_sampler_chain_add(self.handle, stage)
         for stage in _sampler_stages(model, params, seed):
             if not stage:
+                self.close()
                 raise LlamaError("could not create a sampler stage")
             C.llama_sampler_chain_add(self.handle, stage)  # the chain owns it from here
 
