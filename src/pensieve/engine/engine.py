@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.embedder import Embedder
 from pensieve.engine.llama import Batch, Context, ContextConfig, GrammarError, Model, Sampler
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.sequence import Sequence
 from pensieve.engine.types import (
+    EmbedRequest,
+    EmbedResult,
     EngineRequest,
     FinishReason,
     ModelInfo,
@@ -64,6 +67,8 @@ class Engine:
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0
+        self._n_threads = config.context.n_threads_batch
+        self._embedder: Embedder | None = None  # created on the first embeddings request
 
     def close(self) -> None:
         for group in self._requests.values():
@@ -72,6 +77,8 @@ class Engine:
         self._requests.clear()
         if self.tiers is not None:
             self.tiers.close()  # waits for queued disk writes
+        if self._embedder is not None:
+            self._embedder.close()
         self.ctx.close()
         self.model.close()
 
@@ -226,6 +233,12 @@ class Engine:
             leader=group[0] if group else None,
             use_cache=req.use_cache,
         )
+
+    def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult | RequestRejected]:
+        """Embed every input of these requests, batched together."""
+        if self._embedder is None:
+            self._embedder = Embedder(self.model, self._n_threads, self.tokenize)
+        return self._embedder.embed(requests)
 
     def abort(self, request_id: str) -> None:
         group = self._requests.pop(request_id, None)

@@ -53,6 +53,8 @@ class ContextConfig:
     n_threads_batch: int
     flash_attn: str  # "auto" | "on" | "off"
     kv_unified: bool
+    embeddings: bool = False  # an embeddings context: pooled vectors per sequence, no logits
+    pooling: int | None = None  # llama_pooling_type; None: the model's own
 
 
 class Model:
@@ -112,6 +114,9 @@ class Model:
 
     def n_ctx_train(self) -> int:
         return int(C.llama_model_n_ctx_train(self.handle))
+
+    def n_embd(self) -> int:
+        return int(C.llama_model_n_embd(self.handle))
 
     # --- vocabulary -----------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
@@ -185,6 +190,9 @@ class Context:
         params.n_threads_batch = config.n_threads_batch
         params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         params.kv_unified = config.kv_unified
+        params.embeddings = config.embeddings
+        if config.pooling is not None:
+            params.pooling_type = config.pooling
         params.no_perf = True
         handle = C.llama_init_from_model(model.handle, params)
         if not handle:
@@ -216,6 +224,13 @@ class Context:
         if not ptr:
             raise LlamaError(f"no logits for batch index {idx}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def embedding(self, seq_id: int, n_embd: int) -> np.ndarray:
+        """The pooled embedding of `seq_id` after a decode on an embeddings context (a copy)."""
+        ptr = C.llama_get_embeddings_seq(self.handle, seq_id)
+        if not ptr:
+            raise LlamaError(f"no pooled embedding for sequence {seq_id}")
+        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
 
     def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
