@@ -65,7 +65,7 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
     ("A pet.", _obj({"kind": {"enum": ["cat", "dog"]}, "name": _NAME,
                      "age": {"type": "integer", "minimum": 0, "maximum": 30}}, ["kind"])),
     ("A version.", _obj({"version": {"type": "string",
-                                     "pattern": "^[0-9]+\\.[0-9]+\\.[0-9]+$"}})),
+                                     "pattern": "^[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}$"}})),
     ("A tuple.", {"type": "array", "prefixItems": [{"type": "string", "maxLength": 10},
                                                     {"type": "integer"}]}),
     ("A list of people.", {"type": "array", "maxItems": 2,
