@@ -3,6 +3,7 @@ and the same greedy answer through all three API families."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import anthropic
@@ -164,3 +165,11 @@ def test_same_greedy_text_through_openai_ollama_and_anthropic(
     via_anthropic = create(ac).content[0].text
     assert via_openai.strip()
     assert via_openai == via_ollama == via_anthropic
+
+
+def test_output_format_constrains_the_answer_to_the_schema(ac: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {"mood": {"enum": ["calm", "stormy"]}},
+              "required": ["mood"], "additionalProperties": False}
+    m = create(ac, max_tokens=40, extra_body={
+        "temperature": 0, "output_config": {"format": {"type": "json_schema", "schema": schema}}})
+    assert json.loads(m.content[0].text)["mood"] in {"calm", "stormy"}

@@ -148,12 +148,23 @@ def test_empty_prompt_and_messages_load_the_model(oc: ollama.Client) -> None:
     assert c.done and c.done_reason == "load"
 
 
-def test_format_and_keep_alive_are_accepted(oc: ollama.Client) -> None:
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-    for fmt in ("json", schema):
-        r = oc.chat(model=MODEL, messages=HELLO, options=GREEDY, format=fmt, keep_alive="5m")
-        assert r.done
+def test_format_constrains_the_output_and_keep_alive_is_accepted(oc: ollama.Client) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "rank": {"type": "integer", "minimum": 1,
+                                                        "maximum": 9}},
+              "required": ["city", "rank"]}
+    options = {"temperature": 0, "num_predict": 80}
+    r = oc.chat(model=MODEL, messages=HELLO, options=options, format=schema, keep_alive="5m")
+    value = json.loads(r.message.content)
+    assert set(value) == {"city", "rank"} and 1 <= value["rank"] <= 9
+    g = oc.generate(model=MODEL, prompt="A JSON object:", options=options, format="json")
+    assert g.response.lstrip().startswith("{")  # unbounded strings may run out of tokens, but
+    if g.done_reason == "stop":  # a finished answer is always a whole object
+        assert isinstance(json.loads(g.response), dict)
     assert oc.generate(model=MODEL, prompt="Hi", options=GREEDY, keep_alive=-1).done
+    with pytest.raises(ollama.ResponseError) as err:  # cannot be enforced: said, not ignored
+        oc.chat(model=MODEL, messages=HELLO, format={"type": "string", "pattern": "(?=a)"})
+    assert err.value.status_code == 400
 
 
 def test_images_and_think_are_refused_clearly(oc: ollama.Client) -> None:

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pensieve import __version__
-from pensieve.api import admin, anthropic, ollama, openai
+from pensieve.api import admin, anthropic, embeddings, ollama, ollama_embed, openai
 from pensieve.api.errors import install_error_handlers
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
@@ -35,6 +35,8 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
+    app.include_router(embeddings.router)
+    app.include_router(ollama_embed.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""The one engine path behind the Ollama and Anthropic APIs (and, later, OpenAI's).
+"""The one engine path behind the Ollama and Anthropic APIs.
 
 Each API family translates its request into a `TextRequest` (chat messages or a ready prompt,
 plus `SamplingParams`), runs it with `start_text`, and renders the `Delta`s, `Usage` and
@@ -10,6 +10,7 @@ plus `SamplingParams`), runs it with `start_text`, and renders the `Delta`s, `Us
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from pensieve.api.generation import Generation, start
 from pensieve.engine.types import EngineRequest, FinishReason, ModelInfo, SamplingParams
 from pensieve.runtime import ServedModel
+from pensieve.structured import JSON_OBJECT_GRAMMAR, grammar_for_json_schema
 from pensieve.templates import ChatTemplate
 
 log = logging.getLogger("pensieve.api")
@@ -37,6 +39,12 @@ class ResponseFormat:
 
     kind: Literal["json", "json_schema"]
     schema: dict[str, Any] | None = None
+
+    def grammar(self) -> str:
+        """The GBNF that enforces this format in the engine's sampler."""
+        if self.kind == "json" or self.schema is None:
+            return JSON_OBJECT_GRAMMAR
+        return grammar_for_json_schema(self.schema, strict=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +188,9 @@ async def start_text(served: ServedModel, request: TextRequest, *,
     """Load the model if needed, build the prompt and submit it; raises on a rejected prompt."""
     timings = Timings()
     if request.response_format is not None and request.params.grammar is None:
-        log.info("a %s response format was asked for; it is not enforced without a grammar",
-                 request.response_format.kind)
+        grammar = request.response_format.grammar()  # 400 when a schema cannot be enforced
+        request = dataclasses.replace(request,
+                                      params=dataclasses.replace(request.params, grammar=grammar))
     info = await served.client.ensure_started()
     timings.loaded_ns = time.perf_counter_ns()
     rid = f"{id_prefix}{uuid.uuid4().hex}"

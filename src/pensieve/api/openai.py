@@ -24,8 +24,9 @@ from pensieve.api.generation import (
     until_disconnect,
 )
 from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pensieve.api.tools import parse_reply, render_messages, tool_grammar
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
-from pensieve.errors import PensieveError
+from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
 from pensieve.templates import ChatTemplate
 
@@ -67,33 +68,100 @@ async def chat_completions(body: ChatCompletionRequest,
     served = _runtime(request).get(body.model)
     info = await served.client.ensure_started()
     template = ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = template.render(messages, add_generation_prompt=True)
+    prompt = template.render(render_messages(body), add_generation_prompt=True)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    engine_req = EngineRequest(rid, body.to_sampling_params(), prompt=prompt,
+    engine_req = EngineRequest(rid, body.to_sampling_params(_chat_grammar(body)), prompt=prompt,
                                use_cache=body.cache_prompt)
     gens = await start_all(served.client, [engine_req], body.n)
     meta = {"id": rid, "created": int(time.time()), "model": served.name,
             "system_fingerprint": _fingerprint(served)}
     if body.stream:
-        stream = _chat_stream(gens, meta, body.n, body.include_usage())
+        stream = (_chat_tool_stream if body.uses_tools() else _chat_stream)(
+            gens, meta, body.n, body.include_usage())
         return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
     result = await until_disconnect(request, collect(merged(gens), body.n))
-    return JSONResponse(_chat_response(meta, result, gens))
+    return JSONResponse(_chat_response(meta, result, gens, body.uses_tools()))
 
 
-def _chat_response(meta: dict[str, Any], result: Collected, gens: list[Generation]
-                   ) -> dict[str, Any]:
+def _chat_grammar(body: ChatCompletionRequest) -> str | None:
+    if not body.uses_tools():
+        return body.output_grammar()
+    has_format = body.response_format is not None and body.response_format.type != "text"
+    if body.grammar is not None or has_format:
+        raise InvalidRequest("grammar and JSON response_format cannot be combined with tools; "
+                             "send tool_choice 'none' or drop them.", param="tools")
+    return tool_grammar(body)
+
+
+def _chat_response(meta: dict[str, Any], result: Collected, gens: list[Generation],
+                   uses_tools: bool = False) -> dict[str, Any]:
     choices = []
     for i, text in enumerate(result.texts):
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = result.finish_reasons[i]
+        if uses_tools:
+            reply = parse_reply(text)
+            message["content"] = reply.content
+            if reply.tool_calls:
+                message["tool_calls"] = reply.tool_calls
+                finish = "tool_calls"
         choices.append({
             "index": i,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": _chat_logprobs(result.logprobs[i]) if result.logprobs[i] else None,
-            "finish_reason": result.finish_reasons[i],
+            "finish_reason": finish,
         })
     return {**meta, "object": "chat.completion", "choices": choices,
             "usage": _usage(gens, result.counts)}
+
+
+async def _chat_tool_stream(gens: list[Generation], meta: dict[str, Any], n: int,
+                            include_usage: bool) -> AsyncIterator[bytes]:
+    """Tool replies are JSON that only means something whole: each choice is collected, then
+    sent as OpenAI's deltas (content, or per call: id and name, then the arguments)."""
+    base = {**meta, "object": "chat.completion.chunk"}
+    outputs = merged(gens)
+    texts: list[str] = [""] * n
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    counts = TokenCounts()
+    try:
+        for i in range(n):
+            yield sse({**base, "choices": [_chunk_choice(i, {"role": "assistant", "content": ""})]})
+        async for out in outputs:
+            counts.observe(out)
+            texts[out.index] += out.text
+            logprobs[out.index].extend(out.logprobs or [])
+            if out.finish_reason is not None:
+                for chunk in _tool_chunks(base, out, texts[out.index], logprobs[out.index]):
+                    yield sse(chunk)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
+        yield SSE_DONE
+    except PensieveError as exc:
+        yield sse(error_body(exc))
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _tool_chunks(base: dict[str, Any], out: SeqOutput, text: str,
+                 logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+    reply = parse_reply(text)
+    lp = _chat_logprobs(logprobs) if logprobs else None
+    chunks = []
+    if reply.content:
+        chunks.append(_chunk_choice(out.index, {"content": reply.content}, None, lp))
+    for k, call in enumerate(reply.tool_calls):
+        head = {"index": k, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+        first_lp = None if chunks else lp  # logprobs ride on the choice's first chunk
+        chunks.append(_chunk_choice(out.index, {"tool_calls": [head]}, None, first_lp))
+        chunks.append(_chunk_choice(out.index, {"tool_calls": [args]}))
+    last = _chunk_choice(out.index, {}, out)
+    if reply.tool_calls:
+        last["finish_reason"] = "tool_calls"
+    chunks.append(last)
+    return [{**base, "choices": [c]} for c in chunks]
 
 
 async def _chat_stream(gens: list[Generation], meta: dict[str, Any], n: int,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
+from pensieve.structured import JSON_OBJECT_GRAMMAR, check_gbnf, grammar_for_json_schema
 
 log = logging.getLogger("pensieve.api")
 
@@ -37,10 +38,23 @@ class ImagePart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -60,6 +74,32 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-server's json_object
+
+    def grammar(self) -> str | None:
+        """The GBNF this format is enforced with (None: free text)."""
+        if self.type == "text":
+            return None
+        spec = self.json_schema
+        schema = spec.schema_ if spec is not None else self.schema_
+        if self.type == "json_schema" and spec is None:
+            raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' "
+                                 "object with a 'schema'.", param="response_format")
+        if schema is None:
+            return JSON_OBJECT_GRAMMAR
+        return grammar_for_json_schema(schema, bool(spec and spec.strict))
 
 
 class _SamplingFields(_Strict):
@@ -83,6 +123,8 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     cache_prompt: bool = True  # llama-server's name: reuse KV of earlier requests' prefixes
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None  # raw GBNF, as llama-server takes it
 
     @model_validator(mode="after")
     def _check_stop_and_bias(self) -> _SamplingFields:
@@ -108,8 +150,19 @@ class _SamplingFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def output_grammar(self) -> str | None:
+        """The grammar from `grammar` or `response_format` (at most one of them)."""
+        from_format = self.response_format.grammar() if self.response_format else None
+        if self.grammar is not None and from_format is not None:
+            raise InvalidRequest("Send either grammar or a JSON response_format, not both.",
+                                 param="grammar")
+        if self.grammar is not None:
+            check_gbnf(self.grammar)
+            return self.grammar
+        return from_format
+
     def sampling_params(self, *, max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int) -> SamplingParams:
+                        top_logprobs: int, grammar: str | None = None) -> SamplingParams:
         bias = tuple((int(k), _clamp_bias(v)) for k, v in (self.logit_bias or {}).items())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -127,6 +180,7 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             n=self.n,
+            grammar=grammar,
         )
 
 
@@ -137,31 +191,58 @@ def _clamp_bias(value: float) -> float:
     return value
 
 
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise ValueError(f"response_format {kind!r} is not supported yet; use 'text'")
-        if self.tools and self.tool_choice != "none":
-            raise ValueError("tool calling is not supported yet; send no tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which "
+                                 "is not among the tools")
+        elif self.tool_choice in ("auto", "required") and not self.tools:
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
         return self
 
-    def to_sampling_params(self) -> SamplingParams:
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def to_sampling_params(self, grammar: str | None = None) -> SamplingParams:
         return self.sampling_params(
             max_tokens=self.max_completion_tokens or self.max_tokens,
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
+            grammar=grammar,
         )
 
 
@@ -202,4 +283,5 @@ class CompletionRequest(_SamplingFields):
             max_tokens=self.max_tokens,
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs or 0,
+            grammar=self.output_grammar(),
         )

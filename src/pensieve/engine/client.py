@@ -23,6 +23,8 @@ from multiprocessing.connection import Connection
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.types import (
     AbortRequest,
+    EmbedRequest,
+    EmbedResult,
     EngineRequest,
     MemoryRequest,
     MemoryResult,
@@ -238,7 +240,17 @@ class EngineClient:
         assert isinstance(result, MemoryResult)
         return result
 
-    async def _call(self, msg: TokenizeRequest | MemoryRequest) -> object:
+    async def embed(self, inputs: list[str | list[int]], *, truncate: bool = True
+                    ) -> EmbedResult:
+        """One normalized vector per input, computed in the worker together with any other
+        embeddings requests of the same step. Bad input raises InvalidRequest (a 400)."""
+        rid = self.new_request_id("emb")
+        items = tuple(x if isinstance(x, str) else tuple(x) for x in inputs)
+        result = await self._call(EmbedRequest(rid, items, truncate))
+        assert isinstance(result, EmbedResult)
+        return result
+
+    async def _call(self, msg: TokenizeRequest | MemoryRequest | EmbedRequest) -> object:
         """One request, one answer (no streaming)."""
         await self.ensure_started()
         stream: asyncio.Queue[object] = asyncio.Queue()

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
-from pensieve.engine.llama import Batch, Context, ContextConfig, Model, Sampler
+from pensieve.engine.embedder import Embedder
+from pensieve.engine.llama import Batch, Context, ContextConfig, GrammarError, Model, Sampler
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.sequence import Sequence
 from pensieve.engine.types import (
+    EmbedRequest,
+    EmbedResult,
     EngineRequest,
     FinishReason,
     ModelInfo,
@@ -64,6 +67,8 @@ class Engine:
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0
+        self._n_threads = config.context.n_threads_batch
+        self._embedder: Embedder | None = None  # created on the first embeddings request
 
     def close(self) -> None:
         for group in self._requests.values():
@@ -72,6 +77,8 @@ class Engine:
         self._requests.clear()
         if self.tiers is not None:
             self.tiers.close()  # waits for queued disk writes
+        if self._embedder is not None:
+            self._embedder.close()
         self.ctx.close()
         self.model.close()
 
@@ -156,7 +163,11 @@ class Engine:
         if problem is not None:
             return RequestRejected(req.request_id, problem[0], param=problem[1],
                                    code=problem[2])
-        group = self._make_group(req, tokens)
+        try:
+            group = self._make_group(req, tokens)
+        except GrammarError as exc:
+            return RequestRejected(req.request_id, str(exc), param="grammar",
+                                   code="invalid_grammar")
         if self.tiers is not None and req.use_cache:
             read = self.tiers.prefetch(np.asarray(tokens[:-1], dtype=np.int32))
             group[0].restore_ready = read.done if read is not None else None
@@ -200,22 +211,37 @@ class Engine:
         max_tokens = min(p.max_tokens, room) if p.max_tokens is not None else room
         base_seed = p.seed if p.seed is not None else random.getrandbits(31)
         group: list[Sequence] = []
-        for i in range(p.n):
-            seq = Sequence(
-                request_id=req.request_id,
-                index=i,
-                params=p,
-                tokens=list(tokens),
-                num_prompt=len(tokens),
-                max_tokens=max_tokens,
-                detok=IncrementalDetokenizer(self.model.piece, p.stop),
-                sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
-                leader=group[0] if group else None,
-                use_cache=req.use_cache,
-            )
-            group.append(seq)
+        try:
+            for i in range(p.n):
+                group.append(self._make_sequence(req, tokens, max_tokens, base_seed, i, group))
+        except GrammarError:
+            for seq in group:
+                seq.release()
+            raise
         group[0].followers = group[1:]
         return group
+
+    def _make_sequence(self, req: EngineRequest, tokens: list[int], max_tokens: int,
+                       base_seed: int, i: int, group: list[Sequence]) -> Sequence:
+        p = req.params
+        return Sequence(
+            request_id=req.request_id,
+            index=i,
+            params=p,
+            tokens=list(tokens),
+            num_prompt=len(tokens),
+            max_tokens=max_tokens,
+            detok=IncrementalDetokenizer(self.model.piece, p.stop),
+            sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
+            leader=group[0] if group else None,
+            use_cache=req.use_cache,
+        )
+
+    def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult | RequestRejected]:
+        """Embed every input of these requests, batched together."""
+        if self._embedder is None:
+            self._embedder = Embedder(self.model, self._n_threads, self.tokenize)
+        return self._embedder.embed(requests)
 
     def abort(self, request_id: str) -> None:
         group = self._requests.pop(request_id, None)

@@ -53,6 +53,8 @@ class ContextConfig:
     n_threads_batch: int
     flash_attn: str  # "auto" | "on" | "off"
     kv_unified: bool
+    embeddings: bool = False  # an embeddings context: pooled vectors per sequence, no logits
+    pooling: int | None = None  # llama_pooling_type; None: the model's own
 
 
 class Model:
@@ -112,6 +114,9 @@ class Model:
 
     def n_ctx_train(self) -> int:
         return int(C.llama_model_n_ctx_train(self.handle))
+
+    def n_embd(self) -> int:
+        return int(C.llama_model_n_embd(self.handle))
 
     # --- vocabulary -----------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
@@ -185,6 +190,9 @@ class Context:
         params.n_threads_batch = config.n_threads_batch
         params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         params.kv_unified = config.kv_unified
+        params.embeddings = config.embeddings
+        if config.pooling is not None:
+            params.pooling_type = config.pooling
         params.no_perf = True
         handle = C.llama_init_from_model(model.handle, params)
         if not handle:
@@ -216,6 +224,13 @@ class Context:
         if not ptr:
             raise LlamaError(f"no logits for batch index {idx}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def embedding(self, seq_id: int, n_embd: int) -> np.ndarray:
+        """The pooled embedding of `seq_id` after a decode on an embeddings context (a copy)."""
+        ptr = C.llama_get_embeddings_seq(self.handle, seq_id)
+        if not ptr:
+            raise LlamaError(f"no pooled embedding for sequence {seq_id}")
+        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
 
     def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
@@ -294,25 +309,89 @@ class Batch:
         return i + n - 1
 
 
+class GrammarError(LlamaError):
+    """llama.cpp could not parse a GBNF grammar."""
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
 class Sampler:
-    """A llama.cpp sampler chain for one sequence, built from its SamplingParams."""
+    """A llama.cpp sampler chain for one sequence, built from its SamplingParams.
+
+    With a grammar, sampling follows llama.cpp's common sampler: the chain picks a token from
+    the raw logits and the grammar checks only that token; only when it refuses does the grammar
+    mask the whole vocabulary (its costly step) before the chain picks again. Either way the
+    token is one the grammar allows, then both accept it.
+    """
 
     def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
         chain_params = C.llama_sampler_chain_default_params()
         chain_params.no_perf = True
+        self.grammar = None
         self.handle = C.llama_sampler_chain_init(chain_params)
         if not self.handle:
             raise LlamaError("could not create a sampler chain")
         for stage in _sampler_stages(model, params, seed):
             if not stage:
+                self.close()
                 raise LlamaError("could not create a sampler stage")
             C.llama_sampler_chain_add(self.handle, stage)  # the chain owns it from here
+        if params.grammar is not None:
+            self._init_grammar(model, params.grammar)
+
+    def _init_grammar(self, model: Model, grammar: str) -> None:
+        self.grammar = C.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+        if not self.grammar:
+            self.close()
+            raise GrammarError("llama.cpp could not parse the grammar (GBNF), or it has no "
+                               "'root' rule")
+        self._cand = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
+        self._ids = np.arange(model.n_vocab, dtype=np.int32)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._arr = C.llama_token_data_array()
+        self._one_arr = C.llama_token_data_array()
+        self._one_arr.data = self._one.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
 
     def sample(self, ctx: Context, idx: int) -> int:
         """Sample (and accept) the next token from batch position `idx`."""
-        return int(C.llama_sampler_sample(self.handle, ctx.handle, idx))
+        if self.grammar is None:
+            return int(C.llama_sampler_sample(self.handle, ctx.handle, idx))
+        logits = ctx.logits(idx)
+        token = self._pick(logits, constrained=False)
+        if not self._grammar_allows(token):
+            token = self._pick(logits, constrained=True)
+        C.llama_sampler_accept(self.grammar, token)
+        C.llama_sampler_accept(self.handle, token)
+        return token
+
+    def _pick(self, logits: np.ndarray, *, constrained: bool) -> int:
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        arr = self._arr
+        arr.data = cand.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+        arr.size, arr.selected, arr.sorted = len(cand), -1, False
+        if constrained:
+            C.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        C.llama_sampler_apply(self.handle, ctypes.byref(arr))
+        if arr.selected < 0:
+            raise LlamaError("the sampler chain selected no token")
+        return int(cand["id"][arr.selected])
+
+    def _grammar_allows(self, token: int) -> bool:
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, 1.0, 0.0
+        arr = self._one_arr
+        arr.size, arr.selected, arr.sorted = 1, -1, False
+        C.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+        return bool(np.isfinite(one["logit"][0]))
 
     def close(self) -> None:
+        if self.grammar:
+            C.llama_sampler_free(self.grammar)
+            self.grammar = None
         if self.handle:
             C.llama_sampler_free(self.handle)
             self.handle = None

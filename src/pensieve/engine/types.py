@@ -126,6 +126,22 @@ class TokenizeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Embed each input (text, or token ids) into one normalized vector."""
+
+    request_id: str
+    inputs: tuple[str | tuple[int, ...], ...]
+    truncate: bool = True  # cut inputs longer than the embeddings context; False: reject them
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    request_id: str
+    embeddings: list[list[float]]
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryRequest:
     """List (key None, delete False), delete one key, or delete everything (key None)."""
 
@@ -150,7 +166,8 @@ class Shutdown:
 class StepOutput:
     """Everything one engine step produced, sent as one message to keep IPC cheap."""
 
-    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult | MemoryResult]
+    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult | MemoryResult
+                  | EmbedResult]
     num_running: int = 0
     num_waiting: int = 0
     num_batch_tokens: int = 0

@@ -16,6 +16,7 @@ from pensieve.engine.engine import Engine, EngineConfig
 from pensieve.engine.llama import init_backend
 from pensieve.engine.types import (
     AbortRequest,
+    EmbedRequest,
     EngineRequest,
     MemoryRequest,
     MemoryResult,
@@ -56,17 +57,21 @@ def _serve(conn: Connection, engine: Engine) -> None:
     num_steps = 0
     while True:
         replies: list = []
+        embeds: list[EmbedRequest] = []  # served together, after everything received
         num_received = 0
         timeout: float | None = 0.0 if engine.has_work() else None
         while conn.poll(timeout):
             msg = conn.recv()
             if isinstance(msg, Shutdown):
                 return
-            reply = _handle(engine, msg)
-            if reply is not None:
+            if isinstance(msg, EmbedRequest):
+                embeds.append(msg)
+            elif (reply := _handle(engine, msg)) is not None:
                 replies.append(reply)
             num_received += 1
             timeout = 0.0
+        if embeds:
+            replies.extend(engine.embed(embeds))
         outputs = engine.step() if engine.has_work() else []
         if num_received or outputs:  # also after an abort, so the server's counters stay true
             sched = engine.scheduler

@@ -1,0 +1,70 @@
+"""OpenAI's /v1/embeddings: text, lists of texts, token arrays; float or base64 vectors."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pensieve.errors import InvalidRequest
+
+router = APIRouter()
+
+MAX_INPUTS = 2048
+
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> EmbeddingRequest:
+        inputs = self.inputs()
+        if not inputs or len(inputs) > MAX_INPUTS:
+            raise ValueError(f"input must hold between 1 and {MAX_INPUTS} items")
+        if any(len(x) == 0 for x in inputs):
+            raise ValueError("input must not contain empty strings or empty token arrays")
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and all(isinstance(t, int) for t in x):
+            return [list(x)]  # type: ignore[arg-type]
+        return list(x)  # type: ignore[arg-type]
+
+
+def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
+    """OpenAI's base64 is the little-endian float32 bytes of the vector."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return vector
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+    served = request.app.state.runtime.get(body.model)
+    info = await served.client.ensure_started()
+    result = await served.client.embed(body.inputs())
+    size = len(result.embeddings[0])
+    if body.dimensions is not None and body.dimensions != size:
+        raise InvalidRequest(
+            f"dimensions={body.dimensions} is not available: {info.description} gives "
+            f"{size}-dimensional embeddings and was not trained to be truncated. Leave "
+            "dimensions out or send the model's own size.", param="dimensions")
+    data = [{"object": "embedding", "index": i,
+             "embedding": encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(result.embeddings)]
+    usage = {"prompt_tokens": result.num_prompt_tokens, "total_tokens": result.num_prompt_tokens}
+    return {"object": "list", "data": data, "model": served.name, "usage": usage}
