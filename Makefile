@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
-.PHONY: serve test install install-test lint clean
+.PHONY: serve test install install-test lint clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(BIN)/pensieve serve $(ARGS)
 
-test: install-test
+# The browser test drives Debian's chromium (Playwright cannot download its own browser offline).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install-test chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: install-test

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pensieve import __version__
-from pensieve.api import admin, openai
+from pensieve.api import admin, openai, web
 from pensieve.api.errors import install_error_handlers
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
@@ -28,11 +28,14 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
         finally:
             await runtime.stop_all()
 
+    # FastAPI's own /docs loads Swagger UI from a CDN; web.router serves an offline page instead.
     app = FastAPI(title="Pensieve", version=__version__, lifespan=lifespan,
-                  description="A local LLM server with continuous batching and memory.")
+                  description="A local LLM server with continuous batching and memory.",
+                  docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(web.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -1,0 +1,158 @@
+"""The web chat page in headless Chromium (Debian's `chromium`, driven by Playwright) against the
+real server: a streamed answer, the model picker, the stop button, conversations kept across a
+reload, and the page at desktop and phone size (screenshots go to pytest's tmp dir)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.e2e.conftest import MODEL, Server
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+STATS = re.compile(r"^\d+ tokens · [\d.]+ tok/s · \d+ of \d+ prompt tokens cached$")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: `apt-get install -y chromium` (make test does it)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: Server) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    page.goto(server.base_url + "/")
+    expect(page.locator("#model option")).not_to_have_count(0)
+    yield page
+    context.close()
+
+
+def set_setting(page: Page, selector: str, value: str) -> None:
+    page.locator("#settings summary").click()
+    page.fill(selector, value)
+    page.dispatch_event(selector, "change")
+    page.locator("#settings summary").click()
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+def last_answer(page: Page):  # noqa: ANN201 - a Playwright Locator
+    return page.locator(".message.assistant").last
+
+
+def stored_conversations(page: Page) -> list[dict]:
+    return json.loads(page.evaluate("localStorage.getItem('pensieve.conversations')"))
+
+
+def test_streamed_answer_equals_the_api_answer(page: Page, client: OpenAI,
+                                               tmp_path: Path) -> None:
+    set_setting(page, "#temperature", "0")
+    set_setting(page, "#max-tokens", "40")
+    send(page, "Name three colors.")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "done", timeout=120_000)
+    assert int(answer.get_attribute("data-chunks") or 0) > 1  # arrived in pieces
+    expect(page.locator("#stats")).to_have_text(STATS)
+    expected = client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=40,
+        messages=[{"role": "user", "content": "Name three colors."}])
+    conv = stored_conversations(page)[0]
+    assert conv["messages"][-1]["content"] == expected.choices[0].message.content
+    assert conv["title"] == "Name three colors."
+    page.screenshot(path=tmp_path / "chat-desktop.png", full_page=True)
+
+    page.reload()  # the conversation list lives in the browser
+    expect(page.locator("#conversations li")).to_have_count(1)
+    expect(page.locator(".message.user")).to_have_text(["Name three colors."])
+
+
+def test_model_picker_sends_the_chosen_model(page: Page, server: Server) -> None:
+    listed = [m["id"] for m in httpx.get(f"{server.base_url}/v1/models").json()["data"]]
+    options = page.locator("#model option").all_inner_texts()
+    assert options == listed
+    set_setting(page, "#max-tokens", "4")
+    for name in reversed(listed):  # ends on a different model than the default when >1
+        page.select_option("#model", name)
+        send(page, f"Say hi ({name})")
+        expect(last_answer(page)).to_have_attribute("data-state", "done", timeout=120_000)
+        expect(last_answer(page)).to_have_attribute("data-model", name)
+    assert stored_conversations(page)[0]["model"] == listed[0]
+
+
+def test_stop_button_ends_the_stream_and_frees_the_sequence(page: Page, server: Server) -> None:
+    set_setting(page, "#max-tokens", "4000")
+    set_setting(page, "#extra", '{"ignore_eos": true}')
+    send(page, "Tell me a very long story.")
+    answer = last_answer(page)
+    expect(page.locator("#stop")).to_be_visible()
+    page.wait_for_function(
+        "() => +document.querySelector('.message.assistant:last-child').dataset.chunks >= 5",
+        timeout=120_000)
+    page.click("#stop")
+    expect(answer).to_have_attribute("data-state", "stopped")
+    expect(page.locator("#send")).to_be_visible()
+    chunks = answer.get_attribute("data-chunks")
+    deadline = time.monotonic() + 20
+    while server.model_status()["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.model_status()["num_running"] == 0
+    assert answer.get_attribute("data-chunks") == chunks  # nothing arrived after the stop
+    assert int(chunks or 0) < 4000
+
+
+def test_error_is_shown_in_the_page(page: Page) -> None:
+    set_setting(page, "#extra", '{"temperature": "hot"}')
+    send(page, "Hello")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer).to_contain_text("Error:")
+
+
+def test_markdown_is_rendered_and_model_text_is_escaped(page: Page) -> None:
+    source = ("# Title\n<img src=x onerror=alert(1)> **bold** and `<i>`\n- one\n- two\n"
+              "[link](https://example.org) [bad](javascript:alert(1))\n```py\nprint('<b>')\n```")
+    html = page.evaluate("s => PensieveMarkdown.render(s)", source)
+    assert "<img" not in html and "&lt;img src=x" in html
+    assert "<h1>Title</h1>" in html and "<strong>bold</strong>" in html
+    assert "<code>&lt;i&gt;</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
+    assert '<a href="https://example.org"' in html and 'href="javascript' not in html
+    assert '<pre><code class="language-py">print(&#39;&lt;b&gt;&#39;)</code></pre>' in html
+
+
+def test_phone_layout(browser: Browser, server: Server, tmp_path: Path) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    page.goto(server.base_url + "/")
+    expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    expect(page.locator("#prompt")).to_be_in_viewport()
+    page.click("#toggle-sidebar")
+    expect(page.locator("#new-chat")).to_be_in_viewport(ratio=1)  # after the slide-in
+    page.screenshot(path=tmp_path / "chat-phone-sidebar.png")
+    page.click("#new-chat")
+    expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # nothing sticks out sideways
+    page.screenshot(path=tmp_path / "chat-phone.png")
+    context.close()
