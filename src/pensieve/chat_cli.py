@@ -133,7 +133,8 @@ def connect(args: argparse.Namespace, console: Console) -> Connection:
         raise ChatError(f"no server answers at {url}. Start one with `pensieve serve`, or pass "
                         "--url.")
     name, serve_args = _serve_args_for(args.model, url)
-    console.print(f"No server at {url}; starting one for {name}.", style="dim", highlight=False)
+    console.print(f"No server at {url}; starting one for {name}.", style="dim",
+                  highlight=False, soft_wrap=True)
     server = LocalServer.start(serve_args)
     try:
         with console.status(f"Loading {name}..."):

@@ -19,7 +19,7 @@ from pensieve.config import default_data_dir
 
 PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
 SETTABLE = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "stop",
-            "presence_penalty", "frequency_penalty", "repeat_penalty")
+            "presence_penalty", "frequency_penalty", "repeat_penalty", "ignore_eos")
 HELP = f"""Commands:
   /set                 show the parameters
   /set NAME VALUE      set a parameter: {", ".join(SETTABLE)}
