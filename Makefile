@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
-.PHONY: serve test install install-test lint clean chromium
+.PHONY: serve test install install-test lint clean chromium docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ chromium:
 
 test: install-test chromium
 	$(BIN)/python -m pytest $(ARGS)
+
+# The configuration reference is generated from the settings model (a unit test checks it).
+docs: install
+	$(BIN)/python -m pensieve.config_docs docs/configuration.md
 
 lint: install-test
 	$(BIN)/ruff check src tests bench
