@@ -81,7 +81,8 @@ def banner_text(settings: Settings, name: str) -> str:
     listen = f"http://{settings.host}:{settings.port}"
     connect_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     url = f"http://{connect_host}:{settings.port}"
-    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello"}]})
+    body = json.dumps({"model": name, "max_tokens": 64,
+                       "messages": [{"role": "user", "content": "Hello"}]})
     return "\n".join([
         f"[bold]Pensieve {__version__}[/bold] serving [cyan]{name}[/cyan] on {listen} "
         "(ready once the model is loaded)",
