@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(overrides, args.config)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]Invalid configuration:[/red] {exc}")
+        console.print(f"[red]Invalid configuration:[/red] {exc}\nEvery setting, its flag, "
+                      "variable and allowed values: `pensieve serve --help` or "
+                      "docs/configuration.md.", highlight=False)
         return 2
     from pensieve.server import serve  # imported late: keeps `pensieve version` fast
 

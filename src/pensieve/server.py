@@ -44,7 +44,9 @@ def resolve_model(settings: Settings) -> tuple[str, Path]:
         return settings.model_alias or DEFAULT_MODEL_NAME, path
     path = Path(settings.model).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(
+            f"model file not found: {path}. Pass --model the path of a .gguf file (or leave "
+            "--model out to serve the embedded default model).")
     return settings.model_alias or model_name_for(path), path
 
 
