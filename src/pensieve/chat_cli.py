@@ -176,6 +176,8 @@ def _serve_args_for(model: str, url: str) -> tuple[str, list[str]]:
         from pensieve.server import model_name_for
 
         return model_name_for(path), ["--model", str(path.resolve())]
+    hint = (f" (The model comes first: `pensieve run {DEFAULT_MODEL_NAME} \"{model}\"`.)"
+            if " " in model else "")
     raise ChatError(f"no server answers at {url}, and {model!r} is neither a .gguf file nor "
                     f"the default model {DEFAULT_MODEL_NAME!r}. Give a .gguf path, start a "
-                    "server with `pensieve serve --model FILE`, or pass --url.")
+                    f"server with `pensieve serve --model FILE`, or pass --url.{hint}")

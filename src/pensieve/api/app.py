@@ -23,6 +23,7 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = runtime
         await runtime.start_all()
+        log.info("ready: serving %s", ", ".join(runtime.names()))
         try:
             yield
         finally:
