@@ -35,14 +35,24 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
+def requests_elsewhere(page: Page, server: Server) -> list[str]:
+    """The URLs the page asks for outside the server (filled as it goes): must stay empty."""
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(server.base_url + "/")
+            else outside.append(r.url))
+    return outside
+
+
 @pytest.fixture
 def page(browser: Browser, server: Server) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1200, "height": 800})
     page = context.new_page()
+    outside = requests_elsewhere(page, server)
     page.goto(server.base_url + "/")
     expect(page.locator("#model option")).not_to_have_count(0)
     yield page
     context.close()
+    assert outside == []  # no CDN, no fonts, nothing from anywhere else
 
 
 def set_setting(page: Page, selector: str, value: str) -> None:
@@ -155,4 +165,18 @@ def test_phone_layout(browser: Browser, server: Server, tmp_path: Path) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390  # nothing sticks out sideways
     page.screenshot(path=tmp_path / "chat-phone.png")
+    context.close()
+
+
+def test_api_docs_page_lists_the_routes_offline(browser: Browser, server: Server,
+                                                tmp_path: Path) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    outside = requests_elsewhere(page, server)
+    page.goto(server.base_url + "/docs")
+    expect(page.locator("#operations")).to_contain_text("/v1/chat/completions")
+    page.locator("details.op", has_text="/v1/chat/completions").click()
+    expect(page.locator("details.op[open] pre")).to_contain_text('"messages"')
+    page.screenshot(path=tmp_path / "api-docs.png", full_page=True)
+    assert outside == []  # nothing loaded from anywhere else
     context.close()
