@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +18,12 @@ import pytest
 from openai import OpenAI
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.e2e.conftest import MODEL, Server
+from tests.e2e.conftest import MODEL, Server, free_port, stop_server
 
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TWO_MODELS = ("smollm2-first", "smollm2-second")
 STATS = re.compile(r"^\d+ tokens · [\d.]+ tok/s · \d+ of \d+ prompt tokens cached$")
 
 
@@ -97,17 +100,54 @@ def test_streamed_answer_equals_the_api_answer(page: Page, client: OpenAI,
     expect(page.locator(".message.user")).to_have_text(["Name three colors."])
 
 
-def test_model_picker_sends_the_chosen_model(page: Page, server: Server) -> None:
-    listed = [m["id"] for m in httpx.get(f"{server.base_url}/v1/models").json()["data"]]
-    options = page.locator("#model option").all_inner_texts()
-    assert options == listed
+@pytest.fixture(scope="module")
+def two_model_server(default_model: Path, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[Server]:
+    """The default model under two names, each in its own worker (tests/e2e/web/two_models.py)."""
+    tmp = tmp_path_factory.mktemp("two-models")
+    port, log_path = free_port(), tmp / "server.log"
+    script = Path(__file__).with_name("two_models.py")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(port), str(tmp),
+                                 str(default_model), *TWO_MODELS],
+                                stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            models = server.health()["models"]
+            if all(models[n]["state"] == "ready" for n in TWO_MODELS):
+                break
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    else:
+        stop_server(server)
+        pytest.fail(f"the two-model server did not start:\n{server.log_tail()}")
+    yield server
+    stop_server(server)
+
+
+def test_model_picker_switches_models(browser: Browser, two_model_server: Server) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(two_model_server.base_url + "/")
+    expect(page.locator("#model option")).to_have_text(list(TWO_MODELS))
     set_setting(page, "#max-tokens", "4")
-    for name in reversed(listed):  # ends on a different model than the default when >1
+    for name in (TWO_MODELS[1], TWO_MODELS[0], TWO_MODELS[1]):
         page.select_option("#model", name)
-        send(page, f"Say hi ({name})")
+        send(page, f"Say hi to {name}")
         expect(last_answer(page)).to_have_attribute("data-state", "done", timeout=120_000)
-        expect(last_answer(page)).to_have_attribute("data-model", name)
-    assert stored_conversations(page)[0]["model"] == listed[0]
+        expect(last_answer(page)).to_have_attribute("data-model", name)  # the server's reply
+    assert stored_conversations(page)[0]["model"] == TWO_MODELS[1]
+
+    page.click("#new-chat")  # each conversation keeps its model
+    page.select_option("#model", TWO_MODELS[0])
+    send(page, "Hello")
+    expect(last_answer(page)).to_have_attribute("data-state", "done", timeout=120_000)
+    page.locator("#conversations li .title").last.click()
+    expect(page.locator("#model")).to_have_value(TWO_MODELS[1])
+    context.close()
 
 
 def test_stop_button_ends_the_stream_and_frees_the_sequence(page: Page, server: Server) -> None:
