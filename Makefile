@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
 
-.PHONY: serve test install install-test lint clean
+.PHONY: serve test install install-test lint clean chromium docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,17 @@ install-test: $(VENV)/.installed-test
 serve: install
 	$(BIN)/pensieve serve $(ARGS)
 
-test: install-test
+# The browser test drives Debian's chromium (Playwright cannot download its own browser offline).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will fail (apt-get install chromium)"
+
+test: install-test chromium
 	$(BIN)/python -m pytest $(ARGS)
+
+# The configuration reference is generated from the settings model (a unit test checks it).
+docs: install
+	$(BIN)/python -m pensieve.config_docs docs/configuration.md
 
 lint: install-test
 	$(BIN)/ruff check src tests bench

@@ -1,4 +1,5 @@
-"""Command line: `pensieve serve`, `pensieve version`. Flags are generated from `Settings`."""
+"""Command line: `pensieve serve`, `pensieve run`, `pensieve version`, `pensieve cache`. Flags of
+`serve` are generated from `Settings`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from pensieve import __version__
 from pensieve.cache_cli import add_cache_parser, run_cache
+from pensieve.chat_cli import add_run_parser, parse_run_args, run_chat
 from pensieve.config import Settings, load_settings
 
 console = Console(stderr=True)
@@ -54,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(serve)
     sub.add_parser("version", help="Print the version")
     add_cache_parser(sub)
+    add_run_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # options may follow the prompt: parsed on their own, intermixed
+        return run_chat(parse_run_args(argv[1:]), console)
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"pensieve {__version__}")
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(overrides, args.config)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]Invalid configuration:[/red] {exc}")
+        console.print(f"[red]Invalid configuration:[/red] {exc}\nEvery setting, its flag, "
+                      "variable and allowed values: `pensieve serve --help` or "
+                      "docs/configuration.md.", highlight=False)
         return 2
     from pensieve.server import serve  # imported late: keeps `pensieve version` fast
 

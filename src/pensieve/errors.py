@@ -32,7 +32,8 @@ class ModelNotFound(PensieveError):
     def __init__(self, name: str, available: list[str]):
         listing = ", ".join(available) or "none"
         super().__init__(
-            f"The model {name!r} does not exist. Models served here: {listing}.",
+            f"The model {name!r} does not exist. Models served here: {listing}. Put one of "
+            "those names in the request's `model` field (GET /v1/models lists them).",
             param="model",
             code="model_not_found",
         )

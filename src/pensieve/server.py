@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
+from pensieve import __version__
 from pensieve.api.app import create_app
 from pensieve.config import Settings
 from pensieve.engine.client import EngineClient
@@ -41,7 +44,9 @@ def resolve_model(settings: Settings) -> tuple[str, Path]:
         return settings.model_alias or DEFAULT_MODEL_NAME, path
     path = Path(settings.model).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise FileNotFoundError(
+            f"model file not found: {path}. Pass --model the path of a .gguf file (or leave "
+            "--model out to serve the embedded default model).")
     return settings.model_alias or model_name_for(path), path
 
 
@@ -70,12 +75,24 @@ def serve(settings: Settings) -> int:
 
 
 def _print_banner(settings: Settings, name: str) -> None:
-    url = f"http://{settings.host}:{settings.port}"
-    console.print(
-        f"[bold]Pensieve[/bold] serving [cyan]{name}[/cyan] at {url} once loaded\n"
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
-        f"\"content\": \"Hello\"}}]}}'\n"
-        f"  python: OpenAI(base_url=\"{url}/v1\", api_key=\"none\")",
-        highlight=False,
-    )
+    console.print(banner_text(settings, name), highlight=False, soft_wrap=True)
+
+
+def banner_text(settings: Settings, name: str) -> str:
+    """What `pensieve serve` prints on start: where it listens, the model, how to connect."""
+    listen = f"http://{settings.host}:{settings.port}"
+    connect_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{connect_host}:{settings.port}"
+    body = json.dumps({"model": name, "max_tokens": 64,
+                       "messages": [{"role": "user", "content": "Hello"}]})
+    return "\n".join([
+        f"[bold]Pensieve {__version__}[/bold] serving [cyan]{name}[/cyan] on {listen} "
+        "(ready once the model is loaded)",
+        f"  browser   {url}/",
+        f"  terminal  pensieve run {name} --url {url}",
+        f"  curl      curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{escape(body)}'",
+        f"  openai    OpenAI(base_url=\"{url}/v1\", api_key=\"none\")",
+        f"  ollama    OLLAMA_HOST={url} ollama run {name}   |   ollama.Client(host=\"{url}\")",
+        f"  API       {url}/docs",
+    ])

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pensieve import __version__
-from pensieve.api import admin, anthropic, embeddings, ollama, ollama_embed, openai
+from pensieve.api import admin, anthropic, embeddings, ollama, ollama_embed, openai, web
 from pensieve.api.errors import install_error_handlers
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
@@ -23,13 +23,16 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = runtime
         await runtime.start_all()
+        log.info("ready: serving %s", ", ".join(runtime.names()))
         try:
             yield
         finally:
             await runtime.stop_all()
 
+    # FastAPI's own /docs loads Swagger UI from a CDN; web.router serves an offline page instead.
     app = FastAPI(title="Pensieve", version=__version__, lifespan=lifespan,
-                  description="A local LLM server with continuous batching and memory.")
+                  description="A local LLM server with continuous batching and memory.",
+                  docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(admin.router)
@@ -37,6 +40,7 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     app.include_router(anthropic.router)
     app.include_router(embeddings.router)
     app.include_router(ollama_embed.router)
+    app.include_router(web.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
