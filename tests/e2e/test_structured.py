@@ -207,3 +207,9 @@ def test_completion_logprobs_top_one_is_the_chosen_token(client: OpenAI) -> None
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         best = max(top, key=top.get)
         assert best == token and top[best] == pytest.approx(logprob)
+
+
+def test_grammar_with_ignore_eos_is_a_400(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=4,
+                                  extra_body={"grammar": 'root ::= "a"', "ignore_eos": True})

@@ -200,6 +200,10 @@ class Engine:
         if bad:
             return (f"logit_bias names token {bad[0]}, outside the vocabulary "
                     f"(0..{n_vocab - 1}).", "logit_bias", "invalid_token")
+        if req.params.grammar is not None and req.params.ignore_eos:
+            return ("ignore_eos cannot be combined with a grammar, a JSON response_format or "
+                    "tools: the grammar decides where the output ends.", "ignore_eos",
+                    "invalid_value")
         if req.params.n > self.ctx.n_seq_max:
             return (f"n={req.params.n} is more than this server's --parallel "
                     f"({self.ctx.n_seq_max}) sequences.", "n", "invalid_value")

@@ -352,6 +352,7 @@ class Sampler:
         self._arr = C.llama_token_data_array()
         self._one_arr = C.llama_token_data_array()
         self._one_arr.data = self._one.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+        self._eos = model.eos
 
     def sample(self, ctx: Context, idx: int) -> int:
         """Sample (and accept) the next token from batch position `idx`."""
@@ -361,6 +362,10 @@ class Sampler:
         token = self._pick(logits, constrained=False)
         if not self._grammar_allows(token):
             token = self._pick(logits, constrained=True)
+            if not self._grammar_allows(token):
+                # Nothing is left that the grammar allows (llama.cpp would abort on accepting
+                # this token): end the sequence instead.
+                return self._eos
         C.llama_sampler_accept(self.grammar, token)
         C.llama_sampler_accept(self.handle, token)
         return token
