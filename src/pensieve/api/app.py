@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pensieve import __version__
-from pensieve.api import admin, openai
+from pensieve.api import admin, ollama_models, openai
 from pensieve.api.errors import install_error_handlers
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
@@ -33,6 +33,7 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(ollama_models.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

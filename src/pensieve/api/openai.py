@@ -51,7 +51,11 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(m) for m in _runtime(request).models()]}
+    rows = _runtime(request).listing()  # served models, then the store's
+    data = [_model_card(served) if served is not None else
+            {"id": name, "object": "model", "created": int(manifest.created) if manifest else 0,
+             "owned_by": "pensieve"} for name, served, manifest in rows]
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model_id:path}")
