@@ -101,7 +101,8 @@ class ModelRuntime:
 
     def names(self) -> list[str]:
         stored = [str(m.name) for m in self.store.list()] if self.store else []
-        return [*self._models, *(n for n in stored if n not in self._models)]
+        return [*self._models,
+                *(n for n in stored if n not in self._models and n not in self._aliases)]
 
     def models(self) -> list[ServedModel]:
         """Models known so far (aliases first, then store models once used)."""

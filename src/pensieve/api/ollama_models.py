@@ -9,11 +9,12 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pensieve.errors import InvalidRequest, NotFound, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel, resident_bytes
@@ -23,6 +24,7 @@ from pensieve.store.pull import PullProgress, pull
 from pensieve.store.store import Manifest, ModelStore
 
 router = APIRouter()
+_BodyT = TypeVar("_BodyT", bound=BaseModel)
 
 
 class _Body(BaseModel):
@@ -51,6 +53,15 @@ class PullBody(ModelBody):
 class CopyBody(_Body):
     source: str = Field(max_length=300)
     destination: str = Field(max_length=300)
+
+
+async def _parse(request: Request, cls: type[_BodyT]) -> _BodyT:
+    """The JSON body, whatever its Content-Type says (Ollama's clients and curl users often
+    send none)."""
+    try:
+        return cls.model_validate_json(await request.body() or b"{}")
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 def _runtime(request: Request) -> ModelRuntime:
@@ -98,7 +109,8 @@ def _tag_rows(runtime: ModelRuntime) -> list[dict[str, Any]]:
 
 
 @router.post("/api/show")
-async def show(body: ModelBody, request: Request) -> dict[str, Any]:
+async def show(request: Request) -> dict[str, Any]:
+    body = await _parse(request, ModelBody)
     runtime = _runtime(request)
     served = runtime.get(body.target())
     manifest = runtime.store.find(served.name) if runtime.store else None
@@ -120,7 +132,8 @@ def _show_payload(served: ServedModel, manifest: Manifest | None,
 
 
 @router.post("/api/pull", response_model=None)
-async def pull_model(body: PullBody, request: Request) -> JSONResponse | StreamingResponse:
+async def pull_model(request: Request) -> JSONResponse | StreamingResponse:
+    body = await _parse(request, PullBody)
     store = _store(request)
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -168,7 +181,8 @@ async def _ndjson(job: asyncio.Task[Manifest],
 
 
 @router.delete("/api/delete")
-async def delete(body: ModelBody, request: Request) -> Response:
+async def delete(request: Request) -> Response:
+    body = await _parse(request, ModelBody)
     store, runtime = _store(request), _runtime(request)
     manifest = await asyncio.to_thread(store.remove, body.target())
     runtime.forget(str(manifest.name))
@@ -176,7 +190,8 @@ async def delete(body: ModelBody, request: Request) -> Response:
 
 
 @router.post("/api/copy")
-async def copy(body: CopyBody, request: Request) -> Response:
+async def copy(request: Request) -> Response:
+    body = await _parse(request, CopyBody)
     await asyncio.to_thread(_store(request).copy, body.source, body.destination)
     return Response(status_code=200)
 
