@@ -216,10 +216,11 @@ class _Parser:
         num_kv = self.u64("metadata count")
         # every entry takes at least this many bytes, so larger counts cannot be real
         if num_kv > (self.size - self.pos) // 13:
-            raise self.fail(f"metadata count {num_kv} is impossible for a {self.size}-byte file")
+            raise self.fail(f"metadata count {num_kv} is impossible for a {self.size}-byte file "
+                            "(truncated or corrupt)")
         if num_tensors > (self.size - self.pos) // 32:
             raise self.fail(f"tensor count {num_tensors} is impossible for a "
-                            f"{self.size}-byte file")
+                            f"{self.size}-byte file (truncated or corrupt)")
         metadata = self.metadata(num_kv)
         alignment = self.alignment(metadata)
         tensors = [self.tensor_info(i) for i in range(num_tensors)]
