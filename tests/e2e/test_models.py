@@ -199,3 +199,13 @@ def test_the_budget_unloads_the_least_recently_used_model(
         assert "unloading copy-a:latest (least recently used)" in server.log_tail(200)
     finally:
         stop_server(server)
+
+
+def test_a_request_keep_alive_of_zero_unloads_after_it(store_server: Server) -> None:
+    client = OpenAI(base_url=f"{store_server.base_url}/v1", api_key="x", max_retries=0)
+    client.chat.completions.create(model="copy-a", messages=HI, max_tokens=2,
+                                   extra_body={"keep_alive": 0})
+    wait_for(lambda: "copy-a:latest" not in resident(store_server), timeout=5)
+    r = httpx.post(f"{store_server.base_url}/v1/chat/completions",
+                   json={"model": "copy-a", "messages": HI, "keep_alive": "soon"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"

@@ -27,6 +27,7 @@ from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionReques
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
 from pensieve.errors import PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
+from pensieve.store.durations import parse_keep_alive
 from pensieve.templates import ChatTemplate
 
 router = APIRouter()
@@ -36,6 +37,15 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def _runtime(request: Request) -> ModelRuntime:
     return request.app.state.runtime
+
+
+def _served(request: Request, model: str, keep_alive: object) -> ServedModel:
+    """The requested model; a `keep_alive` extension sets how long it stays loaded."""
+    runtime = _runtime(request)
+    served = runtime.get(model)
+    if keep_alive is not None:
+        runtime.set_keep_alive(served, parse_keep_alive(keep_alive))
+    return served
 
 
 def _model_card(served: ServedModel) -> dict[str, Any]:
@@ -68,7 +78,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest,
                            request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
-    served = _runtime(request).get(body.model)
+    served = _served(request, body.model, body.keep_alive)
     info = await served.client.ensure_started()
     template = ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -151,7 +161,7 @@ def _token_fields(token: bytes, logprob: float) -> dict[str, Any]:
 async def completions(body: CompletionRequest,
                       request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
-    served = _runtime(request).get(body.model)
+    served = _served(request, body.model, body.keep_alive)
     await served.client.ensure_started()
     rid = f"cmpl-{uuid.uuid4().hex}"
     params = body.to_sampling_params()

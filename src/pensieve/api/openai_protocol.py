@@ -83,6 +83,7 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     cache_prompt: bool = True  # llama-server's name: reuse KV of earlier requests' prefixes
+    keep_alive: int | float | str | None = None  # Ollama's: how long the model stays loaded
 
     @model_validator(mode="after")
     def _check_stop_and_bias(self) -> _SamplingFields:
