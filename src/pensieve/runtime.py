@@ -86,6 +86,7 @@ class ModelRuntime:
         self.lifecycle = lifecycle or LifecycleConfig(1 << 62, 0, None)
         self._room_lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._unloads: set[asyncio.Task[None]] = set()
 
     # --- names -------------------------------------------------------------------------------
     def add(self, name: str, client: EngineClient, *, digest: str | None = None,
@@ -155,7 +156,9 @@ class ModelRuntime:
         """Drop a store model's entry (after `rm`); unload it first if it is resident."""
         served = self._models.pop(name, None) if name not in self._aliases.values() else None
         if served is not None and served.client.pid is not None:
-            asyncio.get_running_loop().create_task(served.client.stop())
+            task = asyncio.get_running_loop().create_task(served.client.stop())
+            self._unloads.add(task)
+            task.add_done_callback(self._unloads.discard)
 
     # --- loading ---------------------------------------------------------------------------
     def _attach(self, served: ServedModel) -> None:

@@ -146,3 +146,25 @@ def test_hugging_face_unknown_repo(hf: FakeHub, store: ModelStore) -> None:
 def test_unpullable_sources_are_refused(spec: str, store: ModelStore) -> None:
     with pytest.raises(InvalidRequest):
         pull(store, spec)
+
+
+def test_two_pulls_of_one_url_do_not_share_a_partial_file(hub: FakeHub, store: ModelStore,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import pensieve.store.pull as pull_module
+
+    url = f"{hub.url}/files/smol.gguf"
+    errors: list[Exception] = []
+    real_download = pull_module.download
+
+    def download_while_another_pull_starts(*args: object) -> None:
+        try:
+            pull(store, url)
+        except InvalidRequest as exc:
+            errors.append(exc)
+        real_download(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pull_module, "download", download_while_another_pull_starts)
+    pull(store, url, sha256=SHA256)
+    assert len(errors) == 1 and errors[0].code == "pull_in_progress"
+    assert _names(store) == ["smol:latest"]

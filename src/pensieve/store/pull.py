@@ -12,11 +12,13 @@ Nothing becomes visible before the GGUF checks and the sha256 pass.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -68,9 +70,29 @@ def pull(store: ModelStore, spec: str, *, name: str | None = None, sha256: str |
     report = progress or (lambda _p: None)
     report(PullProgress("pulling manifest"))
     source = resolve_source(spec, name=name, sha256=sha256)
-    model = parse_name(source.name)
+    parse_name(source.name)  # refuse a bad name before downloading
     partial = store.partial / f"pull-{hashlib.sha256(source.url.encode()).hexdigest()[:32]}"
     store.partial.mkdir(parents=True, exist_ok=True)
+    (store.root / "locks").mkdir(exist_ok=True)
+    with _exclusive(store.root / "locks" / f"{partial.name}.lock", spec):
+        return _fetch_and_store(store, spec, source, partial, report)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, spec: str) -> Iterator[None]:
+    """One pull of a URL at a time (across processes): both would write the same partial."""
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidRequest(f"{spec} is already being pulled; wait for that pull to "
+                                 "finish.", code="pull_in_progress") from None
+        yield
+
+
+def _fetch_and_store(store: ModelStore, spec: str, source: PullSource, partial: Path,
+                     report: ProgressFn) -> Manifest:
+    model = parse_name(source.name)
     label = f"sha256:{source.expected_digest}" if source.expected_digest else source.url
     download(source, partial, lambda done, total: report(
         PullProgress(f"pulling {label[:19]}", label, total, done)))
