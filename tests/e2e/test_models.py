@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from pensieve.store.default_model import SHA256
-from pensieve.store.store import ModelStore
+from pensieve.store.store import ModelDefaults, ModelStore
 from tests.e2e.conftest import MODEL, Server, start_server, stop_server
 from tests.store.fake_hub import FakeHub, HubRepo
 from tests.store.gguf_variants import VARIANTS, layout_of, write_variant
@@ -60,6 +60,8 @@ def store_server(default_model: Path, hub: FakeHub,
     tmp = tmp_path_factory.mktemp("store-server")
     store = ModelStore(tmp / "data" / "models")
     store.import_file(default_model, "copy-a", link=True)
+    store.import_file(default_model, "brief", link=True,
+                      defaults=ModelDefaults(num_predict=3, temperature=0.0, system="Be brief."))
     layout = layout_of(default_model)
     for variant in VARIANTS:
         _plant_broken(store, write_variant(variant, layout, tmp / f"{variant.name}.gguf"),
@@ -209,3 +211,19 @@ def test_a_request_keep_alive_of_zero_unloads_after_it(store_server: Server) -> 
     r = httpx.post(f"{store_server.base_url}/v1/chat/completions",
                    json={"model": "copy-a", "messages": HI, "keep_alive": "soon"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+
+
+def test_a_models_defaults_fill_what_the_request_leaves_out(store_server: Server) -> None:
+    client = OpenAI(base_url=f"{store_server.base_url}/v1", api_key="x", max_retries=0)
+    brief = client.chat.completions.create(model="brief", messages=HI)
+    assert brief.usage.completion_tokens == 3 and brief.choices[0].finish_reason == "length"
+    longer = client.chat.completions.create(model="brief", messages=HI, max_tokens=5)
+    assert longer.usage.completion_tokens == 5
+    plain = client.chat.completions.create(model="copy-a", messages=HI, max_tokens=1)
+    # "Be brief." replaces the template's own default system prompt ...
+    assert brief.usage.prompt_tokens < plain.usage.prompt_tokens
+    own = [{"role": "system", "content": "You answer."}, *HI]
+    # ... unless the conversation brings its own
+    assert client.chat.completions.create(model="brief", messages=own).usage.prompt_tokens == \
+        client.chat.completions.create(model="copy-a", messages=own,
+                                       max_tokens=1).usage.prompt_tokens

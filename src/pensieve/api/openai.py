@@ -23,6 +23,7 @@ from pensieve.api.generation import (
     start_all,
     until_disconnect,
 )
+from pensieve.api.model_defaults import with_model_defaults, with_system_prompt
 from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
 from pensieve.errors import PensieveError
@@ -79,9 +80,12 @@ async def chat_completions(body: ChatCompletionRequest,
                            request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
     served = _served(request, body.model, body.keep_alive)
+    body = with_model_defaults(body, served.defaults)
     info = await served.client.ensure_started()
-    template = ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
+    template = ChatTemplate.for_model(served.defaults.template or info.chat_template,
+                                      info.bos_token, info.eos_token)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = with_system_prompt(messages, served.defaults)
     prompt = template.render(messages, add_generation_prompt=True)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     engine_req = EngineRequest(rid, body.to_sampling_params(), prompt=prompt,
@@ -162,6 +166,7 @@ async def completions(body: CompletionRequest,
                       request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
     served = _served(request, body.model, body.keep_alive)
+    body = with_model_defaults(body, served.defaults)
     await served.client.ensure_started()
     rid = f"cmpl-{uuid.uuid4().hex}"
     params = body.to_sampling_params()

@@ -71,11 +71,18 @@ class ModelDefaults:
                 raise InvalidRequest(f"Model default {key} must be an integer, not {value!r}.")
         if self.num_ctx is not None and not 256 <= self.num_ctx <= 1 << 20:
             raise InvalidRequest(f"num_ctx {self.num_ctx} is out of range (256 to 1048576).")
-        for key in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-9, 1.0),
+                                ("min_p", 0.0, 1.0), ("repeat_penalty", 1e-9, 10.0)):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, int | float)):
-                raise InvalidRequest(f"Model default {key} must be a number, not {value!r}.")
+                                      or not isinstance(value, int | float)
+                                      or not low <= value <= high):
+                raise InvalidRequest(f"Model default {key} must be a number from {low:g} to "
+                                     f"{high:g}, not {value!r}.")
+        for key, low in (("top_k", 0), ("num_predict", 1)):
+            value = getattr(self, key)
+            if value is not None and not low <= value <= 1 << 20:
+                raise InvalidRequest(f"Model default {key} {value} is out of range.")
         for key in ("system", "template"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
