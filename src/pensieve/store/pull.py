@@ -93,9 +93,12 @@ def _exclusive(lock_path: Path, spec: str) -> Iterator[None]:
 def _fetch_and_store(store: ModelStore, spec: str, source: PullSource, partial: Path,
                      report: ProgressFn) -> Manifest:
     model = parse_name(source.name)
-    label = f"sha256:{source.expected_digest}" if source.expected_digest else source.url
+    digest_label = f"sha256:{source.expected_digest}" if source.expected_digest else None
+    shown = source.expected_digest[:12] if source.expected_digest \
+        else Path(unquote(urlsplit(source.url).path)).name
+    status = f"pulling {shown}"
     download(source, partial, lambda done, total: report(
-        PullProgress(f"pulling {label[:19]}", label, total, done)))
+        PullProgress(status, digest_label, total, done)))
     report(PullProgress("verifying sha256 digest"))
     digest = sha256_file(partial)
     try:
