@@ -5,6 +5,8 @@ serving, keep_alive and the memory budget unloading what they should."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +182,10 @@ def test_keep_alive_unloads_an_idle_model(store_server: Server) -> None:
     rows = {m["name"]: m for m in httpx.get(f"{store_server.base_url}/api/ps").json()["models"]}
     assert rows["copy-a:latest"]["load_seconds"] > 0
     assert rows["copy-a:latest"]["resident_bytes"] > 50 << 20
+    ps = subprocess.run([sys.executable, "-m", "pensieve.cli", "ps", "--url",
+                         store_server.base_url], capture_output=True, text=True, timeout=60)
+    assert ps.returncode == 0 and "copy-a:latest" in ps.stdout and " s " in ps.stdout
+    assert "MiB" in ps.stdout and "forever" in ps.stdout  # the startup model never expires
     wait_for(lambda: "copy-a:latest" not in resident(store_server), timeout=15)
     assert MODEL in resident(store_server)  # the model the server was started with stays
 
