@@ -130,6 +130,8 @@ class ModelRuntime:
         except InvalidRequest:
             raise ModelNotFound(name, self.names()) from None
         served = self._models.get(self._aliases.get(canonical, canonical))
+        if served is not None and canonical not in self._aliases and self.store is not None:
+            served = self._still_stored(served)
         if served is None and self.store is not None:
             manifest = self.store.find(canonical)
             if manifest is not None:
@@ -151,6 +153,17 @@ class ModelRuntime:
         self._attach(served)
         self._models[name] = served
         return served
+
+    def _still_stored(self, served: ServedModel) -> ServedModel | None:
+        """A store model as the store has it now (`pensieve rm`/`pull` may have changed it
+        behind the server's back)."""
+        assert self.store is not None
+        manifest = self.store.find(served.name)
+        if manifest is not None and manifest.digest == served.digest \
+                and manifest.defaults == served.defaults:
+            return served
+        self.forget(served.name)
+        return None
 
     def forget(self, name: str) -> None:
         """Drop a store model's entry (after `rm`); unload it first if it is resident."""

@@ -102,7 +102,8 @@ def test_manifest_writes_replace_atomically(default_model: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize("defaults", [{"num_ctx": "big"}, {"num_ctx": 10}, {"colour": 1},
-                                      {"temperature": "hot"}, {"stop": [1]}, {"system": 3}])
+                                      {"stop": 5}, {"temperature": "hot"}, {"stop": [1]},
+                                      {"system": 3}, {"temperature": 9.0}, {"num_predict": 0}])
 def test_bad_defaults_are_refused(defaults: dict[str, object]) -> None:
     with pytest.raises(InvalidRequest):
         ModelDefaults.from_dict(defaults)

@@ -110,3 +110,19 @@ def test_keep_alive_durations(text: object, seconds: float | None) -> None:
 def test_bad_keep_alive_is_refused(text: object) -> None:
     with pytest.raises(InvalidRequest):
         parse_keep_alive(text)
+
+
+def test_a_model_removed_behind_the_servers_back_is_gone(tmp_path: Path) -> None:
+    from pensieve.config import Settings, default_data_dir
+    from pensieve.errors import ModelNotFound
+    from pensieve.store.default_model import ensure_default_model
+    from pensieve.store.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    store.import_file(ensure_default_model(default_data_dir()), "m", link=True)
+    settings = Settings(data_dir=tmp_path)
+    runtime = ModelRuntime(store, lambda path, digest, _d: settings.engine_config(path, digest))
+    assert runtime.get("M:latest") is runtime.get("m")
+    store.remove("m")  # `pensieve rm` while the server runs
+    with pytest.raises(ModelNotFound):
+        runtime.get("m")

@@ -58,7 +58,9 @@ class ModelDefaults:
         values = dict(data)
         if "stop" in values:
             stop = values["stop"]
-            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)  # type: ignore
+            if not isinstance(stop, str | list | tuple):
+                raise InvalidRequest("Model default stop must be a string or a list of them.")
+            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         defaults = cls(**values)  # type: ignore[arg-type]
         defaults.check()
         return defaults
