@@ -59,3 +59,16 @@ def test_pull_shows_progress_and_stores_the_model(default_model: Path, tmp_path:
     assert code == 0, out
     assert "pulling" in out and "success" in out and "pulled pulled:latest" in out
     assert "pulled:latest" in run(capsys, "list", "--models-dir", str(tmp_path / "models"))[1]
+
+
+def test_serve_refuses_a_corrupt_model_file_before_loading_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pensieve.config import default_data_dir
+    from pensieve.store.default_model import ensure_default_model
+    from tests.store.gguf_variants import VARIANTS, layout_of, write_variant
+
+    layout = layout_of(ensure_default_model(default_data_dir()))
+    variant = next(v for v in VARIANTS if v.name == "absurd-array-length")
+    bad = write_variant(variant, layout, tmp_path / "bad.gguf")
+    code, out = run(capsys, "serve", "--model", str(bad), "--data-dir", str(tmp_path / "d"))
+    assert code == 2 and "Cannot start" in out and "claims" in out
