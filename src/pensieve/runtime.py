@@ -21,6 +21,7 @@ from pathlib import Path
 from pensieve.engine.client import EngineClient
 from pensieve.engine.engine import EngineConfig
 from pensieve.errors import InvalidRequest, ModelNotFound, PensieveError
+from pensieve.store.durations import parse_keep_alive
 from pensieve.store.gguf import read_gguf
 from pensieve.store.names import parse_name
 from pensieve.store.store import Manifest, ModelDefaults, ModelStore
@@ -48,6 +49,7 @@ class ServedModel:
     num_weight_bytes: int = 0
     num_kv_bytes: int = 0
     keep_alive: float | None = None  # seconds idle before unloading; None: never
+    default_keep_alive: float | None = None  # for requests that do not say
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     is_loading: bool = False
 
@@ -92,7 +94,8 @@ class ModelRuntime:
     def add(self, name: str, client: EngineClient, *, digest: str | None = None,
             keep_alive: float | None = None) -> ServedModel:
         """Serve `client` under `name` (a pinned alias, e.g. `serve --model PATH`)."""
-        served = ServedModel(name, client, digest=digest, keep_alive=keep_alive)
+        served = ServedModel(name, client, digest=digest, keep_alive=keep_alive,
+                             default_keep_alive=keep_alive)
         self._estimate(served, client.config.model_path, client.config.context.n_ctx)
         self._attach(served)
         self._models[name] = served
@@ -148,6 +151,7 @@ class ModelRuntime:
         client = EngineClient(name, config, log_level=self.lifecycle.log_level)
         served = ServedModel(name, client, created=int(manifest.created),
                              digest=manifest.digest, keep_alive=self.lifecycle.keep_alive,
+                             default_keep_alive=self.lifecycle.keep_alive,
                              defaults=manifest.defaults)
         served.num_weight_bytes = manifest.size
         self._attach(served)
@@ -219,9 +223,9 @@ class ModelRuntime:
             if not idle:
                 return False
             victim = min(idle, key=lambda m: m.client.last_active)
-            log.info("unloading %s (least recently used) to make room for %s",
-                     victim.name, served.name)
-            await victim.client.stop()
+            if await victim.client.stop_if_idle():
+                log.info("unloaded %s (least recently used) to make room for %s",
+                         victim.name, served.name)
 
     @staticmethod
     def _estimate(served: ServedModel, path: str, n_ctx: int) -> None:
@@ -232,9 +236,15 @@ class ModelRuntime:
 
     # --- keep_alive --------------------------------------------------------------------------
     def set_keep_alive(self, served: ServedModel, seconds: float | None) -> None:
-        """A request's keep_alive: None never unloads, 0 unloads as soon as it is idle."""
+        """How long the model stays loaded once idle: None never, 0 as soon as it is idle."""
         served.keep_alive = seconds
         served.client.touch()
+
+    def apply_keep_alive(self, served: ServedModel, value: object | None) -> None:
+        """A request's `keep_alive` (Ollama's field: seconds or '5m'; negative: forever), or
+        the model's default when the request has none, as Ollama does per request."""
+        seconds = served.default_keep_alive if value is None else parse_keep_alive(value)
+        self.set_keep_alive(served, seconds)
 
     async def _reap_forever(self) -> None:
         while True:
@@ -247,10 +257,10 @@ class ModelRuntime:
             client = served.client
             if served.keep_alive is None or served.is_loading or not client.is_running:
                 continue
-            if client.num_in_flight == 0 and now - client.last_active >= served.keep_alive:
-                log.info("unloading %s: idle for %.0fs (keep_alive)", served.name,
-                         now - client.last_active)
-                await client.stop()
+            idle_s = now - client.last_active
+            if client.num_in_flight == 0 and idle_s >= served.keep_alive \
+                    and await client.stop_if_idle():
+                log.info("unloaded %s: idle for %.0fs (keep_alive)", served.name, idle_s)
 
     async def unload(self, served: ServedModel) -> None:
         await served.client.stop()

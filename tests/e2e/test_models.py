@@ -204,7 +204,7 @@ def test_the_budget_unloads_the_least_recently_used_model(
         assert chat(server, MODEL)  # copy-a is now the least recently used
         assert chat(server, "copy-b")
         assert set(resident(server)) == {MODEL, "copy-b:latest"}
-        assert "unloading copy-a:latest (least recently used)" in server.log_tail(200)
+        assert "unloaded copy-a:latest (least recently used)" in server.log_tail(200)
     finally:
         stop_server(server)
 
@@ -214,6 +214,11 @@ def test_a_request_keep_alive_of_zero_unloads_after_it(store_server: Server) -> 
     client.chat.completions.create(model="copy-a", messages=HI, max_tokens=2,
                                    extra_body={"keep_alive": 0})
     wait_for(lambda: "copy-a:latest" not in resident(store_server), timeout=5)
+    # the next request without keep_alive gets the default (2s) back, and is never cut short
+    # by the unload the previous one asked for
+    for _ in range(3):
+        assert chat(store_server, "copy-a")
+    assert "copy-a:latest" in resident(store_server)
     r = httpx.post(f"{store_server.base_url}/v1/chat/completions",
                    json={"model": "copy-a", "messages": HI, "keep_alive": "soon"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"

@@ -28,6 +28,12 @@ class FakeClient:
         self.is_running = False
         self.num_stops += 1
 
+    async def stop_if_idle(self) -> bool:
+        if self.num_in_flight or not self.is_running:
+            return False
+        await self.stop()
+        return True
+
 
 def _runtime(budget_mib: int, max_loaded: int = 0, keep_alive: float | None = None
              ) -> tuple[ModelRuntime, dict[str, ServedModel]]:
@@ -35,7 +41,8 @@ def _runtime(budget_mib: int, max_loaded: int = 0, keep_alive: float | None = No
     models = {}
     for name in ("a", "b", "c"):
         served = ServedModel(name, FakeClient(), num_weight_bytes=60 << 20,  # type: ignore[arg-type]
-                             num_kv_bytes=40 << 20, keep_alive=keep_alive)
+                             num_kv_bytes=40 << 20, keep_alive=keep_alive,
+                             default_keep_alive=keep_alive)
         runtime._models[name] = served
         models[name] = served
     return runtime, models
@@ -126,3 +133,13 @@ def test_a_model_removed_behind_the_servers_back_is_gone(tmp_path: Path) -> None
     store.remove("m")  # `pensieve rm` while the server runs
     with pytest.raises(ModelNotFound):
         runtime.get("m")
+
+
+def test_a_request_without_keep_alive_gets_the_default_back() -> None:
+    runtime, m = _runtime(budget_mib=10_000, keep_alive=30.0)
+    runtime.apply_keep_alive(m["a"], 0)
+    assert m["a"].keep_alive == 0.0
+    runtime.apply_keep_alive(m["a"], None)
+    assert m["a"].keep_alive == 30.0
+    runtime.apply_keep_alive(m["a"], "-1")
+    assert m["a"].keep_alive is None

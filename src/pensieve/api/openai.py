@@ -28,7 +28,6 @@ from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionReques
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
 from pensieve.errors import PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
-from pensieve.store.durations import parse_keep_alive
 from pensieve.templates import ChatTemplate
 
 router = APIRouter()
@@ -44,8 +43,7 @@ def _served(request: Request, model: str, keep_alive: object) -> ServedModel:
     """The requested model; a `keep_alive` extension sets how long it stays loaded."""
     runtime = _runtime(request)
     served = runtime.get(model)
-    if keep_alive is not None:
-        runtime.set_keep_alive(served, parse_keep_alive(keep_alive))
+    runtime.apply_keep_alive(served, keep_alive)
     return served
 
 

@@ -153,6 +153,19 @@ class EngineClient:
 
     async def stop(self) -> None:
         """Ask the worker to exit, then make sure it has."""
+        async with self._start_lock:
+            await self._stop_locked()
+
+    async def stop_if_idle(self) -> bool:
+        """Unload unless a request is in flight; a request arriving meanwhile waits for the
+        stop and then starts a fresh worker, instead of racing the shutdown."""
+        async with self._start_lock:
+            if self._streams or not self.is_running:
+                return False
+            await self._stop_locked()
+            return True
+
+    async def _stop_locked(self) -> None:
         proc = self._proc
         if proc is None:
             return
