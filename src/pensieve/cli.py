@@ -18,6 +18,8 @@ from pensieve import __version__
 from pensieve.cache_cli import add_cache_parser, run_cache
 from pensieve.chat_cli import add_run_parser, parse_run_args, run_chat
 from pensieve.config import Settings, load_settings
+from pensieve.models_cli import COMMANDS as MODEL_COMMANDS
+from pensieve.models_cli import add_models_parsers, run_models
 
 console = Console(stderr=True)
 log = logging.getLogger("pensieve")
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("version", help="Print the version")
     add_cache_parser(sub)
     add_run_parser(sub)
+    add_models_parsers(sub)
     return parser
 
 
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "cache":
         return run_cache(args, Console())
+    if args.command in MODEL_COMMANDS:
+        return run_models(args, Console())
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.model_fields and v is not None}
     try:

@@ -74,6 +74,32 @@ class Settings(BaseSettings):
                                 "survives restarts. 0: no disk tier.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
+    # --- model store and lifecycle (docs/models.md) ---
+    models_dir: Path | None = Field(
+        None, description="The model store (blobs and manifests). Default: DATA_DIR/models.")
+    keep_alive: str = Field(
+        "5m", description="How long a model loaded on demand stays loaded while idle: "
+        "seconds or a duration like 30s, 5m, 1h; 0 unloads at once, a negative value never. "
+        "Requests may set their own (Ollama's keep_alive).")
+    max_memory_mb: int = Field(
+        0, ge=0, le=1 << 30, description="Memory budget for resident models (weights plus "
+        "KV for their context), in MiB; the least recently used idle model is unloaded to "
+        "make room. 0: three quarters of the machine's RAM.")
+    max_loaded_models: int = Field(
+        3, ge=0, le=64, description="Most models resident at once. 0: only the memory budget "
+        "limits it.")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _valid_keep_alive(cls, value: str) -> str:
+        from pensieve.errors import InvalidRequest
+        from pensieve.store.durations import parse_keep_alive
+
+        try:
+            parse_keep_alive(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @field_validator("model", "model_alias")
     @classmethod
@@ -120,6 +146,20 @@ class Settings(BaseSettings):
         return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap,
                             prefix_cache=self.prefix_cache, memory=memory,
                             reuse_generated=self.memory_reuse_generated)
+
+
+def store_dir(settings: Settings) -> Path:
+    return settings.models_dir or settings.data_dir / "models"
+
+
+def memory_budget_bytes(settings: Settings) -> int:
+    if settings.max_memory_mb:
+        return settings.max_memory_mb << 20
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return total * 3 // 4
 
 
 def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:

@@ -39,6 +39,13 @@ class ModelNotFound(PensieveError):
         )
 
 
+class InvalidModelFile(InvalidRequest):
+    """A model file that is not a well-formed GGUF (refused before llama.cpp sees it)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_model_file")
+
+
 class ModelLoadError(PensieveError):
     status_code = 500
     error_type = "server_error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -14,15 +15,20 @@ from rich.markup import escape
 
 from pensieve import __version__
 from pensieve.api.app import create_app
-from pensieve.config import Settings
+from pensieve.config import Settings, memory_budget_bytes, store_dir
 from pensieve.engine.client import EngineClient
-from pensieve.runtime import ModelRuntime
+from pensieve.engine.engine import EngineConfig
+from pensieve.errors import PensieveError
+from pensieve.runtime import LifecycleConfig, ModelRuntime
 from pensieve.store.default_model import (
     DEFAULT_MODEL_NAME,
     DefaultModelUnavailable,
     ensure_default_model,
 )
 from pensieve.store.digest import file_digest
+from pensieve.store.durations import parse_keep_alive
+from pensieve.store.gguf import read_gguf
+from pensieve.store.store import ModelDefaults, ModelStore
 
 log = logging.getLogger("pensieve")
 console = Console(stderr=True)
@@ -54,14 +60,18 @@ def serve(settings: Settings) -> int:
     setup_logging(settings.log_level)
     try:
         name, path = resolve_model(settings)
-    except (FileNotFoundError, DefaultModelUnavailable) as exc:
+        read_gguf(path)  # a corrupt file is refused here, before llama.cpp sees it
+    except (FileNotFoundError, DefaultModelUnavailable, PensieveError) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
         return 2
-    runtime = ModelRuntime()
     level = logging.getLevelName(settings.log_level.upper())
+    store = ModelStore(store_dir(settings))
+    runtime = build_runtime(settings, store, level)
     digest = file_digest(path, settings.data_dir / "digests.json")
+    if settings.model is None:
+        _register_default_model(store, path, name)
     config = settings.engine_config(str(path), digest)
-    runtime.add(name, EngineClient(name, config, log_level=level))
+    runtime.add(name, EngineClient(name, config, log_level=level), digest=digest)
     app = create_app(runtime)
     _print_banner(settings, name)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal against the
@@ -72,6 +82,30 @@ def serve(settings: Settings) -> int:
                 access_log=False, timeout_graceful_shutdown=30)
     log.info("stopped")
     return 0
+
+
+def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> ModelRuntime:
+    def make_config(path: str, digest: str, defaults: ModelDefaults) -> EngineConfig:
+        config = settings.engine_config(path, digest)
+        if defaults.num_ctx is None:
+            return config
+        context = dataclasses.replace(config.context, n_ctx=defaults.num_ctx)
+        return dataclasses.replace(config, context=context)
+
+    lifecycle = LifecycleConfig(memory_budget_bytes(settings), settings.max_loaded_models,
+                                parse_keep_alive(settings.keep_alive), log_level)
+    return ModelRuntime(store, make_config, lifecycle)
+
+
+def _register_default_model(store: ModelStore, path: Path, name: str) -> None:
+    """List the embedded default model in the store too (hard-linked by digest where the
+    file system allows, else copied once)."""
+    if store.find(name) is not None:
+        return
+    try:
+        store.import_file(path, name, link=True)
+    except (OSError, PensieveError) as exc:
+        log.warning("could not add the default model to the store: %s", exc)
 
 
 def _print_banner(settings: Settings, name: str) -> None:

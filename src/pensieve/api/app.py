@@ -10,7 +10,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pensieve import __version__
-from pensieve.api import admin, anthropic, embeddings, ollama, ollama_embed, openai, web
+from pensieve.api import (
+    admin,
+    anthropic,
+    embeddings,
+    ollama,
+    ollama_embed,
+    ollama_models,
+    openai,
+    web,
+)
 from pensieve.api.errors import install_error_handlers
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
@@ -41,6 +50,7 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(ollama_embed.router)
     app.include_router(web.router)
+    app.include_router(ollama_models.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -23,6 +23,7 @@ from pensieve.api.generation import (
     start_all,
     until_disconnect,
 )
+from pensieve.api.model_defaults import with_model_defaults, with_system_prompt
 from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pensieve.api.tools import parse_reply, render_messages, tool_grammar
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
@@ -39,6 +40,14 @@ def _runtime(request: Request) -> ModelRuntime:
     return request.app.state.runtime
 
 
+def _served(request: Request, model: str, keep_alive: object) -> ServedModel:
+    """The requested model; a `keep_alive` extension sets how long it stays loaded."""
+    runtime = _runtime(request)
+    served = runtime.get(model)
+    runtime.apply_keep_alive(served, keep_alive)
+    return served
+
+
 def _model_card(served: ServedModel) -> dict[str, Any]:
     card: dict[str, Any] = {"id": served.name, "object": "model", "created": served.created,
                             "owned_by": "pensieve"}
@@ -52,7 +61,11 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(m) for m in _runtime(request).models()]}
+    rows = _runtime(request).listing()  # served models, then the store's
+    data = [_model_card(served) if served is not None else
+            {"id": name, "object": "model", "created": int(manifest.created) if manifest else 0,
+             "owned_by": "pensieve"} for name, served, manifest in rows]
+    return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -65,10 +78,13 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest,
                            request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
-    served = _runtime(request).get(body.model)
+    served = _served(request, body.model, body.keep_alive)
+    body = with_model_defaults(body, served.defaults)
     info = await served.client.ensure_started()
-    template = ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
-    prompt = template.render(render_messages(body), add_generation_prompt=True)
+    template = ChatTemplate.for_model(served.defaults.template or info.chat_template,
+                                      info.bos_token, info.eos_token)
+    messages = with_system_prompt(render_messages(body), served.defaults)
+    prompt = template.render(messages, add_generation_prompt=True)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     engine_req = EngineRequest(rid, body.to_sampling_params(_chat_grammar(body)), prompt=prompt,
                                use_cache=body.cache_prompt)
@@ -215,7 +231,8 @@ def _token_fields(token: bytes, logprob: float) -> dict[str, Any]:
 async def completions(body: CompletionRequest,
                       request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
-    served = _runtime(request).get(body.model)
+    served = _served(request, body.model, body.keep_alive)
+    body = with_model_defaults(body, served.defaults)
     await served.client.ensure_started()
     rid = f"cmpl-{uuid.uuid4().hex}"
     params = body.to_sampling_params()

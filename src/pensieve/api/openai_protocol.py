@@ -125,6 +125,7 @@ class _SamplingFields(_Strict):
     cache_prompt: bool = True  # llama-server's name: reuse KV of earlier requests' prefixes
     response_format: ResponseFormat | None = None
     grammar: str | None = None  # raw GBNF, as llama-server takes it
+    keep_alive: int | float | str | None = None  # Ollama's: how long the model stays loaded
 
     @model_validator(mode="after")
     def _check_stop_and_bias(self) -> _SamplingFields:

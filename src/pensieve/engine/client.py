@@ -16,7 +16,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -79,6 +79,11 @@ class EngineClient:
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0  # bumps on every (re)start, so stale threads stand down
+        # lifecycle (runtime.py): make room before a load, note when it ends and last use
+        self.before_start: Callable[[], Awaitable[None]] | None = None
+        self.after_start: Callable[[], None] | None = None
+        self.load_seconds: float | None = None
+        self.last_active = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
     @property
@@ -89,6 +94,13 @@ class EngineClient:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
     async def ensure_started(self) -> ModelInfo:
         async with self._start_lock:
             if self.is_running and self.info is not None:
@@ -97,8 +109,15 @@ class EngineClient:
                 self.stats.num_restarts += 1
                 log.warning("restarting the worker for %s", self.name)
             self._loop = asyncio.get_running_loop()
-            self.info = await asyncio.to_thread(self._spawn_and_wait)
+            if self.before_start is not None:
+                await self.before_start()
+            try:
+                self.info = await asyncio.to_thread(self._spawn_and_wait)
+            finally:
+                if self.after_start is not None:
+                    self.after_start()
             self._start_threads()
+            self.touch()
             return self.info
 
     def _spawn_and_wait(self) -> ModelInfo:
@@ -115,6 +134,7 @@ class EngineClient:
             raise ModelLoadError(f"Could not load model {self.name!r}: {reply.message}")
         assert isinstance(reply, WorkerReady)
         info = reply.info
+        self.load_seconds = time.perf_counter() - started
         log.info(
             "model %s loaded from %s in %.2fs (worker pid %d): %s, %.1f MiB, n_ctx=%d, "
             "per-sequence limit=%d, parallel=%d",
@@ -135,6 +155,19 @@ class EngineClient:
 
     async def stop(self) -> None:
         """Ask the worker to exit, then make sure it has."""
+        async with self._start_lock:
+            await self._stop_locked()
+
+    async def stop_if_idle(self) -> bool:
+        """Unload unless a request is in flight; a request arriving meanwhile waits for the
+        stop and then starts a fresh worker, instead of racing the shutdown."""
+        async with self._start_lock:
+            if self._streams or not self.is_running:
+                return False
+            await self._stop_locked()
+            return True
+
+    async def _stop_locked(self) -> None:
         proc = self._proc
         if proc is None:
             return
@@ -212,6 +245,7 @@ class EngineClient:
         stream: asyncio.Queue[object] = asyncio.Queue()
         rid = request.request_id
         self._streams[rid] = stream
+        self.touch()
         num_open = request.params.n
         timing = _RequestTiming(time.perf_counter())
         try:
@@ -225,6 +259,7 @@ class EngineClient:
                 yield item  # type: ignore[misc]
         finally:
             self._streams.pop(rid, None)
+            self.touch()
             if num_open > 0 and self.is_running:
                 self._outbox.put(AbortRequest(rid))
             timing.log(rid, aborted=num_open > 0)

@@ -1,0 +1,218 @@
+"""Ollama's model-management routes over the store and the runtime: /api/tags, /api/show,
+/api/pull (NDJSON progress), /api/delete, /api/copy, /api/ps. Errors come out in Ollama's
+shape (`{"error": "..."}`) through api/errors.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pensieve.errors import InvalidRequest, NotFound, PensieveError
+from pensieve.runtime import ModelRuntime, ServedModel, resident_bytes
+from pensieve.store import describe
+from pensieve.store.gguf import GgufInfo, read_gguf
+from pensieve.store.pull import PullProgress, pull
+from pensieve.store.store import Manifest, ModelStore
+
+router = APIRouter()
+_BodyT = TypeVar("_BodyT", bound=BaseModel)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ModelBody(_Body):
+    model: str | None = Field(None, max_length=1000)
+    name: str | None = Field(None, max_length=1000)  # older clients say `name`
+    verbose: bool = False
+
+    def target(self) -> str:
+        target = self.model or self.name
+        if not target:
+            raise InvalidRequest("The request needs a `model`.", param="model")
+        return target
+
+
+class PullBody(ModelBody):
+    stream: bool = True
+    insecure: bool = False
+    sha256: str | None = Field(None, max_length=80)  # extension: pin a URL's digest
+    as_name: str | None = Field(None, max_length=300)  # extension: store under this name
+
+
+class CopyBody(_Body):
+    source: str = Field(max_length=300)
+    destination: str = Field(max_length=300)
+
+
+async def _parse(request: Request, cls: type[_BodyT]) -> _BodyT:
+    """The JSON body, whatever its Content-Type says (Ollama's clients and curl users often
+    send none)."""
+    try:
+        return cls.model_validate_json(await request.body() or b"{}")
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _runtime(request: Request) -> ModelRuntime:
+    return request.app.state.runtime
+
+
+def _store(request: Request) -> ModelStore:
+    store = _runtime(request).store
+    if store is None:
+        raise NotFound("This server has no model store.")
+    return store
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _model_file(served: ServedModel | None, manifest: Manifest | None,
+                store: ModelStore | None) -> str:
+    if served is not None:
+        return served.client.config.model_path
+    assert manifest is not None and store is not None
+    return str(store.blob_path(manifest.digest))
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    runtime = _runtime(request)
+    return {"models": await asyncio.to_thread(_tag_rows, runtime)}
+
+
+def _tag_rows(runtime: ModelRuntime) -> list[dict[str, Any]]:
+    rows = []
+    for name, served, manifest in runtime.listing():
+        try:
+            info = read_gguf(_model_file(served, manifest, runtime.store))
+        except PensieveError:
+            continue  # a broken file is not listed (show/load name the problem)
+        digest = manifest.digest if manifest else (served.digest if served else None)
+        created = manifest.created if manifest else float(served.created if served else 0)
+        rows.append({"name": name, "model": name, "modified_at": _iso(created),
+                     "size": info.file_size, "digest": digest or "",
+                     "details": describe.details(info)})
+    return rows
+
+
+@router.post("/api/show")
+async def show(request: Request) -> dict[str, Any]:
+    body = await _parse(request, ModelBody)
+    runtime = _runtime(request)
+    served = runtime.get(body.target())
+    manifest = runtime.store.find(served.name) if runtime.store else None
+    info = await asyncio.to_thread(read_gguf, served.client.config.model_path)
+    return _show_payload(served, manifest, info)
+
+
+def _show_payload(served: ServedModel, manifest: Manifest | None,
+                  info: GgufInfo) -> dict[str, Any]:
+    license_ = info.metadata.get("general.license")
+    template = served.defaults.template or info.chat_template or ""
+    created = manifest.created if manifest else float(served.created)
+    return {"license": license_ if isinstance(license_, str) else "",
+            "modelfile": describe.modelfile(served.name, manifest, info),
+            "parameters": describe.parameters_text(manifest), "template": template,
+            "system": served.defaults.system or "", "details": describe.details(info),
+            "model_info": describe.model_info(info), "capabilities": ["completion"],
+            "modified_at": _iso(created), "summary": describe.summary(info)}
+
+
+@router.post("/api/pull", response_model=None)
+async def pull_model(request: Request) -> JSONResponse | StreamingResponse:
+    body = await _parse(request, PullBody)
+    store = _store(request)
+    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def report(p: PullProgress) -> None:
+        event = {k: v for k, v in (("status", p.status), ("digest", p.digest),
+                                   ("total", p.total), ("completed", p.completed))
+                 if v is not None}
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    job = asyncio.create_task(asyncio.to_thread(
+        pull, store, body.target(), name=body.as_name, sha256=body.sha256,
+        progress=_throttled(report)))
+    if not body.stream:
+        await job
+        return JSONResponse({"status": "success"})
+    return StreamingResponse(_ndjson(job, events), media_type="application/x-ndjson")
+
+
+def _throttled(report: Any) -> Any:
+    """Byte progress at most ten times a second; status changes always."""
+    last = [0.0, ""]
+
+    def throttled(p: PullProgress) -> None:
+        now = time.monotonic()
+        if p.status != last[1] or now - last[0] >= 0.1 or p.completed == p.total:
+            last[0], last[1] = now, p.status
+            report(p)
+
+    return throttled
+
+
+async def _ndjson(job: asyncio.Task[Manifest],
+                  events: asyncio.Queue[dict[str, Any] | None]) -> AsyncIterator[bytes]:
+    job.add_done_callback(lambda _t: events.put_nowait(None))
+    while (event := await events.get()) is not None:
+        yield (json.dumps(event) + "\n").encode()
+    while not events.empty():  # progress that arrived after the job ended
+        if (event := events.get_nowait()) is not None:
+            yield (json.dumps(event) + "\n").encode()
+    exc = job.exception()
+    if exc is not None:
+        message = exc.message if isinstance(exc, PensieveError) else str(exc)
+        yield (json.dumps({"error": message}) + "\n").encode()
+
+
+@router.delete("/api/delete")
+async def delete(request: Request) -> Response:
+    body = await _parse(request, ModelBody)
+    store, runtime = _store(request), _runtime(request)
+    manifest = await asyncio.to_thread(store.remove, body.target())
+    runtime.forget(str(manifest.name))
+    return Response(status_code=200)
+
+
+@router.post("/api/copy")
+async def copy(request: Request) -> Response:
+    body = await _parse(request, CopyBody)
+    await asyncio.to_thread(_store(request).copy, body.source, body.destination)
+    return Response(status_code=200)
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    rows = []
+    for served in _runtime(request).models():
+        client = served.client
+        if not client.is_running:
+            continue
+        expires = served.expires_at()
+        info = client.info
+        rows.append({
+            "name": served.name, "model": served.name, "digest": served.digest or "",
+            "size": served.num_budget_bytes, "size_vram": 0,
+            "expires_at": _iso(expires) if expires else "0001-01-01T00:00:00Z",
+            "context_length": info.n_ctx if info else None,
+            "details": {"format": "gguf"},
+            # Pensieve's own: measured, not estimated
+            "load_seconds": client.load_seconds, "resident_bytes": resident_bytes(client.pid),
+            "pid": client.pid, "num_running": client.stats.num_running,
+        })
+    return {"models": rows}
