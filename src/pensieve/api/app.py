@@ -10,18 +10,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pensieve import __version__
-from pensieve.api import admin, openai
+from pensieve.api import admin, metrics, openai
 from pensieve.api.errors import install_error_handlers
+from pensieve.api.safety import SafetyConfig, install_safety
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
 
 log = logging.getLogger("pensieve.api")
 
 
-def create_app(runtime: ModelRuntime) -> FastAPI:
+def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = runtime
+        for served in runtime.models():
+            served.client.observer = app.state.metrics
         await runtime.start_all()
         try:
             yield
@@ -31,8 +34,10 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     app = FastAPI(title="Pensieve", version=__version__, lifespan=lifespan,
                   description="A local LLM server with continuous batching and memory.")
     install_error_handlers(app)
+    install_safety(app, runtime, safety or SafetyConfig())
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -41,6 +46,14 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
         status = {"status": "ok" if ready else "loading",
                   "models": {m.name: _model_status(m.client) for m in models}}
         return JSONResponse(status, status_code=200)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """200 when at least one model can serve now, else 503 (loading, crashed)."""
+        models = request.app.state.runtime.models()
+        serving = [m.name for m in models if m.client.is_running]
+        body = {"status": "ready" if serving else "not ready", "models": serving}
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     return app
 
