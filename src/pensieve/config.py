@@ -186,7 +186,9 @@ class Settings(BaseSettings):
                             cors_origins=tuple(self.cors_origins))
 
     def limits_config(self) -> LimitsConfig:
-        return LimitsConfig(max_body_bytes=self.max_body_bytes, read_timeout_s=self.read_timeout)
+        return LimitsConfig(max_body_bytes=self.max_body_bytes,
+                            max_header_bytes=self.max_header_bytes,
+                            read_timeout_s=self.read_timeout)
 
     def client_limits(self) -> ClientLimits:
         return ClientLimits(max_in_flight=self.parallel + self.max_queue,

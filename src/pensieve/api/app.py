@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pensieve import __version__
 from pensieve.api import admin, metrics, openai
+from pensieve.api.access import AccessConfig
 from pensieve.api.errors import install_error_handlers
 from pensieve.api.safety import SafetyConfig, install_safety
 from pensieve.engine.client import EngineClient
@@ -34,7 +35,9 @@ def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None) -> Fas
     app = FastAPI(title="Pensieve", version=__version__, lifespan=lifespan,
                   description="A local LLM server with continuous batching and memory.")
     install_error_handlers(app)
-    install_safety(app, runtime, safety or SafetyConfig())
+    # Without a config (tests, embedding) any Host is accepted; `pensieve serve` always passes
+    # one built from the settings, which checks Host against the loopback names by default.
+    install_safety(app, runtime, safety or SafetyConfig(AccessConfig(allowed_hosts=("*",))))
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)

@@ -1,4 +1,4 @@
-"""Transport limits: request body size and read time, and a header-read deadline for uvicorn.
+"""Transport limits: header and body size, body read time, and a header-read deadline.
 
 The body is read here, before any route runs, with a byte budget and a deadline: an oversized
 body gets a 413 without being buffered, and a client that trickles its body (slowloris) gets a
@@ -27,6 +27,7 @@ log = logging.getLogger("pensieve.limits")
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     max_body_bytes: int = 8 << 20
+    max_header_bytes: int = 16 << 10
     read_timeout_s: float = 30.0
 
 
@@ -44,7 +45,16 @@ class BodyLimitMiddleware:
         self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.config.max_header_bytes:
+            # h11 enforces this only on heads that arrive in several reads; this catches the rest.
+            exc = _BodyError(431, f"The request headers are larger than the limit of "
+                             f"{self.config.max_header_bytes} bytes.", "headers_too_large")
+            await _refuse(scope, receive, send, exc)
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         try:
