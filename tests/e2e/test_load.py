@@ -43,13 +43,15 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, seen: Counter
             seen["left"] += 1
             return
         seen[resp.status_code] += 1
+        if resp.status_code == 503:
+            await asyncio.sleep(float(resp.headers["retry-after"]))
         return
     async with http.stream("POST", CHAT, json=body) as resp:
         seen[resp.status_code] += 1
-        if resp.status_code == 503:
-            assert resp.headers["retry-after"]
+        if resp.status_code == 503:  # queue full: back off as told, like a real client
             await resp.aread()
             assert resp.json()["error"]["code"] == "queue_full"
+            await asyncio.sleep(float(resp.headers["retry-after"]))
             return
         assert resp.status_code == 200, (await resp.aread())[:300]
         num_lines = 0
