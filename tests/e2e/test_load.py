@@ -102,6 +102,7 @@ def test_64_clients_mixed_load(tmp_path: Path) -> None:
         stop_server(server)
     assert set(seen) <= {200, 503, "left"}, seen
     assert seen[200] > NUM_CLIENTS and seen["left"] > 0, seen
+    assert seen[503] > 0, seen  # 64 clients > 8 running + 24 queued: the bound was reached
     assert status["num_running"] == 0 and status["num_waiting"] == 0
     assert status["pid"] == worker and status["num_restarts"] == 0
     assert 'pensieve_requests_in_flight{model="' + MODEL + '"} 0.0' in metrics
