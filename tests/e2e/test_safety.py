@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -119,10 +120,18 @@ def test_remote_bind_without_keys_is_refused(tmp_path: Path) -> None:
     assert "without API keys" in proc.stderr
 
 
-def test_deadline_ends_a_long_request(tmp_path: Path) -> None:
+def test_deadlines_for_requests_and_slow_clients(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--request-timeout", "3", "--parallel", "2",
-                          "--ctx-size", "4096")
+                          "--ctx-size", "4096", "--read-timeout", "1")
     try:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            assert slow.recv(1024) == b""  # the server hung up on the unfinished head
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+            slow.sendall(b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            assert b" 408 " in slow.recv(4096).split(b"\r\n")[0]  # body never completed
         resp = httpx.post(f"{server.base_url}{CHAT}", timeout=60,
                           json=chat_body(max_tokens=3000, ignore_eos=True))
         assert resp.status_code == 504
