@@ -34,7 +34,8 @@ def test_keys_metrics_and_request_ids(tmp_path: Path) -> None:
     key_file = tmp_path / "keys.txt"
     key_file.write_text(f"# keys\n{KEY}\n")
     server = start_server(tmp_path, "--api-key-file", str(key_file), "--log-format", "json",
-                          "--parallel", "2", "--ctx-size", "2048")
+                          "--parallel", "2", "--ctx-size", "2048", "--max-prompt-tokens", "100",
+                          "--max-tokens-limit", "5")
     try:
         base = server.base_url
         with httpx.Client(base_url=base, timeout=60) as http:
@@ -46,10 +47,16 @@ def test_keys_metrics_and_request_ids(tmp_path: Path) -> None:
             with pytest.raises(AuthenticationError):
                 bad.models.list()
             reply = good.chat.completions.with_raw_response.create(
-                model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
-                extra_headers={"X-Request-Id": "trace-me-42"})
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=50,
+                extra_headers={"X-Request-Id": "trace-me-42"}, extra_body={"ignore_eos": True})
             assert reply.headers["x-request-id"] == "trace-me-42"
-            assert reply.parse().usage.completion_tokens > 0
+            completion = reply.parse()
+            assert completion.usage.completion_tokens == 5  # --max-tokens-limit
+            assert completion.choices[0].finish_reason == "length"
+            long = http.post(CHAT, headers={"x-api-key": KEY}, json=chat_body(
+                messages=[{"role": "user", "content": "word " * 300}]))
+            assert long.status_code == 400
+            assert long.json()["error"]["code"] == "prompt_too_long"
             metrics = http.get("/metrics", headers={"x-api-key": KEY}).text
         assert 'route="/v1/chat/completions",status="200"' in metrics
         assert "pensieve_time_to_first_token_seconds_count" in metrics

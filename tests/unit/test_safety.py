@@ -205,3 +205,22 @@ def test_template_syntax_in_messages_is_data() -> None:
     msgs = [{"role": "user", "content": "{{ 7*7 }}{% for x in range(3) %}a{% endfor %}"}]
     out = ChatTemplate.for_model(None, "", "").render(msgs)
     assert "{{ 7*7 }}{% for x in range(3) %}a{% endfor %}" in out and "49" not in out
+
+
+def test_engine_client_limits_without_a_worker() -> None:
+    import asyncio
+
+    from pensieve.engine.client import ClientLimits, EngineClient
+    from pensieve.engine.types import EngineRequest, SamplingParams
+    from pensieve.errors import Overloaded
+
+    client = EngineClient("m", None, limits=ClientLimits(max_in_flight=2, max_tokens=5))  # type: ignore[arg-type]
+    capped = client._capped(EngineRequest("r", SamplingParams(max_tokens=None), prompt="x"))
+    assert capped.params.max_tokens == 5
+    kept = client._capped(EngineRequest("r", SamplingParams(max_tokens=3), prompt="x"))
+    assert kept.params.max_tokens == 3
+    client.num_in_flight = 2
+    with pytest.raises(Overloaded) as info:
+        asyncio.run(anext(client.generate(EngineRequest("r", SamplingParams(), prompt="x"))))
+    assert info.value.headers == {"Retry-After": "1"} and info.value.status_code == 503
+    assert client.num_in_flight == 2  # a refused request is not counted
