@@ -194,7 +194,8 @@ class Settings(BaseSettings):
         return ClientLimits(max_in_flight=self.parallel + self.max_queue,
                             deadline_s=self.request_timeout or None,
                             max_prompt_tokens=self.max_prompt_tokens,
-                            max_tokens=self.max_tokens_limit, log_prompts=self.log_prompts)
+                            max_tokens=self.max_tokens_limit, log_prompts=self.log_prompts,
+                            log_format=self.log_format)
 
 
 def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:

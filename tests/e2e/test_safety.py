@@ -67,6 +67,7 @@ def test_keys_metrics_and_request_ids(tmp_path: Path) -> None:
         stop_server(server)
     lines = [json.loads(ln) for ln in server.log_path.read_text().splitlines()
              if ln.startswith("{")]
+    assert any(ln["logger"] == "pensieve.worker" for ln in lines)  # the worker logs JSON too
     traced = [ln for ln in lines if ln["request_id"] == "trace-me-42"]
     assert any("POST /v1/chat/completions 200" in ln["message"] for ln in traced)
     assert not any("Hi" in ln["message"].split() for ln in lines)  # no prompt text
@@ -129,7 +130,7 @@ def test_remote_bind_without_keys_is_refused(tmp_path: Path) -> None:
 
 def test_deadlines_for_requests_and_slow_clients(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--request-timeout", "3", "--parallel", "2",
-                          "--ctx-size", "4096", "--read-timeout", "1")
+                          "--ctx-size", "4096", "--read-timeout", "1", "--log-prompts")
     try:
         port = int(server.base_url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
@@ -151,6 +152,7 @@ def test_deadlines_for_requests_and_slow_clients(tmp_path: Path) -> None:
         assert ok.status_code == 200
     finally:
         stop_server(server)
+    assert "Tell me a story." in server.log_path.read_text()  # asked for with --log-prompts
 
 
 def test_sigterm_lets_streams_finish_then_exits_0(tmp_path: Path) -> None:

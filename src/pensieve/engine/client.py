@@ -68,6 +68,7 @@ class ClientLimits:
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None  # cap on each choice's max_tokens
     log_prompts: bool = False
+    log_format: str = "text"  # the worker's log lines: "text" or "json"
 
 
 class EngineObserver(Protocol):
@@ -135,7 +136,8 @@ class EngineClient:
     def _spawn_and_wait(self) -> ModelInfo:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=run_worker, args=(child, self.config, self._log_level),
+        proc = ctx.Process(target=run_worker,
+                           args=(child, self.config, self._log_level, self.limits.log_format),
                            name=f"pensieve-worker-{self.name}", daemon=True)
         started = time.perf_counter()
         proc.start()
