@@ -225,7 +225,7 @@ def test_schemathesis_finds_no_server_errors(tmp_path: Path) -> None:
              "not_a_server_error", "--max-examples", "10", "--seed", "7", "--workers", "1",
              "--request-timeout", "60",
          "--max-time", "45", "--no-shrink", "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=400)
+            capture_output=True, text=True, timeout=400, cwd=tmp_path)  # its cache goes there
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         assert server.proc.poll() is None
     finally:
