@@ -72,9 +72,30 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
+class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
+    """Refuses `*` and `**` results that would blow the budget before computing them
+    (`'x' * 10**10` would otherwise allocate gigabytes in one step, between any checks)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:  # noqa: ANN401
+        if operator == "*":
+            _check_repeat(left, right)
+            _check_repeat(right, left)
+        elif isinstance(right, int) and abs(right) > 1024:
+            raise _BudgetExceeded("an exponent above 1024")
+        return super().call_binop(context, operator, left, right)
+
+
+def _check_repeat(seq: Any, times: Any) -> None:  # noqa: ANN401
+    if isinstance(seq, str | list | tuple) and isinstance(times, int) \
+            and len(seq) * times > MAX_RENDER_CHARS:
+        raise _BudgetExceeded(f"a value longer than {MAX_RENDER_CHARS} items")
+
+
 def _make_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        keep_trailing_newline=True)
+    env = _BudgetedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                               keep_trailing_newline=True)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["range"] = _budgeted_range

@@ -201,6 +201,18 @@ def test_template_time_budget_catches_silent_loops(monkeypatch) -> None:  # noqa
         ChatTemplate.for_model(src, "", "").render([{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.parametrize("src", ["{{ 'x' * 10**10 }}", "{{ [1] * 99999999999 }}",
+                                 "{{ 7 ** 99999999 }}"])
+def test_template_arithmetic_bombs_are_refused_before_computing(src: str) -> None:
+    with pytest.raises(InvalidRequest, match="budget"):
+        ChatTemplate.for_model(src, "", "").render([{"role": "user", "content": "hi"}])
+
+
+def test_template_arithmetic_within_budget_still_works() -> None:
+    src = "{{ '=' * 3 }}{{ 2 ** 3 }}{{ 3 * 4 }}"
+    assert ChatTemplate.for_model(src, "", "").render([]) == "===812"
+
+
 def test_template_syntax_in_messages_is_data() -> None:
     msgs = [{"role": "user", "content": "{{ 7*7 }}{% for x in range(3) %}a{% endfor %}"}]
     out = ChatTemplate.for_model(None, "", "").render(msgs)
