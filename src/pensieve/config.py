@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+from pensieve.api.access import AccessConfig, load_key_file
+from pensieve.api.limits import LimitsConfig
+from pensieve.engine.client import ClientLimits
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig
 from pensieve.memory.store import MemoryConfig, namespace_for
@@ -101,6 +105,54 @@ class Settings(BaseSettings):
             raise ValueError(exc.message) from None
         return value
 
+    # --- safety: access, limits, shutdown, logs (docs/security.md) ----------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys clients must send (`Authorization: Bearer "
+        "KEY` or `x-api-key: KEY`), comma-separated. Empty (and no --api-key-file): no auth.")
+    api_key_file: Path | None = Field(
+        None, description="File with more API keys, one per line ('#' starts a comment).")
+    allow_unauthenticated_remote: bool = Field(
+        False, description="Allow listening on a non-loopback address without API keys.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host header values accepted besides the loopback "
+        "names and --host (comma-separated; '*': any). Guards against DNS rebinding. Default "
+        "on a non-loopback --host: any.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Browser origins allowed to call the API (CORS), "
+        "comma-separated, e.g. http://localhost:3000; '*': any. Default: none (CORS off).")
+    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM): serve HTTPS.")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM) for --ssl-certfile.")
+    max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 30,
+                                description="Largest request body accepted (413 above).")
+    max_header_bytes: int = Field(16 << 10, ge=1024, le=1 << 20,
+                                  description="Largest request head (request line and headers).")
+    read_timeout: float = Field(30.0, gt=0, le=3600, description="Seconds a client may take to "
+                                "send a request's headers, and then its body (slow clients).")
+    max_connections: int = Field(1024, ge=1, le=1 << 20, description="Open connections served "
+                                 "at once; more get a 503.")
+    max_queue: int = Field(256, ge=0, le=1 << 20, description="Requests a model may have "
+                           "waiting beyond --parallel; more get a 503 with Retry-After.")
+    request_timeout: float = Field(600.0, ge=0, le=86400, description="Deadline of one "
+                                   "generation request in seconds, 0: none.")
+    max_prompt_tokens: int | None = Field(None, ge=1, le=1 << 24, description="Longest prompt "
+                                          "accepted, in tokens. Default: the context size.")
+    max_tokens_limit: int | None = Field(None, ge=1, le=1 << 24, description="Cap on the "
+                                         "tokens one choice may generate (max_tokens above it "
+                                         "is lowered). Default: the context size.")
+    shutdown_timeout: float = Field(30.0, ge=0, le=3600, description="On SIGTERM or Ctrl-C, "
+                                    "seconds in-flight requests get to finish before they are "
+                                    "aborted.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_prompts: bool = Field(False, description="Log prompt text (at info level). Off: logs "
+                              "never contain prompt or output text.")
+
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("model", "model_alias")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
@@ -146,6 +198,30 @@ class Settings(BaseSettings):
         return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap,
                             prefix_cache=self.prefix_cache, memory=memory,
                             reuse_generated=self.memory_reuse_generated)
+
+
+    def all_api_keys(self) -> tuple[str, ...]:
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            keys.extend(load_key_file(self.api_key_file))
+        return tuple(dict.fromkeys(keys))
+
+    def access_config(self) -> AccessConfig:
+        return AccessConfig(api_keys=self.all_api_keys(), bind_host=self.host,
+                            allowed_hosts=tuple(self.allowed_hosts),
+                            cors_origins=tuple(self.cors_origins))
+
+    def limits_config(self) -> LimitsConfig:
+        return LimitsConfig(max_body_bytes=self.max_body_bytes,
+                            max_header_bytes=self.max_header_bytes,
+                            read_timeout_s=self.read_timeout)
+
+    def client_limits(self) -> ClientLimits:
+        return ClientLimits(max_in_flight=self.parallel + self.max_queue,
+                            deadline_s=self.request_timeout or None,
+                            max_prompt_tokens=self.max_prompt_tokens,
+                            max_tokens=self.max_tokens_limit, log_prompts=self.log_prompts,
+                            log_format=self.log_format)
 
 
 def store_dir(settings: Settings) -> Path:

@@ -63,3 +63,21 @@ class EngineError(PensieveError):
 
     status_code = 500
     error_type = "server_error"
+
+
+class Overloaded(PensieveError):
+    """Too many requests are queued for a model; the client should retry after a while."""
+
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1):
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(PensieveError):
+    """The request ran past the server's per-request deadline (--request-timeout)."""
+
+    status_code = 504
+    error_type = "server_error"

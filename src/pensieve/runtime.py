@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pensieve.engine.client import EngineClient
+from pensieve.engine.client import ClientLimits, EngineClient, EngineObserver
 from pensieve.engine.engine import EngineConfig
 from pensieve.errors import InvalidRequest, ModelNotFound, PensieveError
 from pensieve.store.durations import parse_keep_alive
@@ -75,6 +75,7 @@ class LifecycleConfig:
     max_loaded: int  # resident models at most (0: no limit)
     keep_alive: float | None  # default for models loaded on demand; None: never unload
     log_level: int = logging.INFO
+    client_limits: ClientLimits | None = None  # queue bound, deadline, ... for every model
 
 
 class ModelRuntime:
@@ -82,6 +83,7 @@ class ModelRuntime:
                  make_config: ConfigFactory | None = None,
                  lifecycle: LifecycleConfig | None = None) -> None:
         self._models: dict[str, ServedModel] = {}
+        self.observer: EngineObserver | None = None  # metrics; given to every client it makes
         self._aliases: dict[str, str] = {}
         self.store = store
         self._make_config = make_config
@@ -148,7 +150,9 @@ class ModelRuntime:
         path = self.store.blob_path(manifest.digest)
         config = self._make_config(str(path), manifest.digest, manifest.defaults)
         name = str(manifest.name)
-        client = EngineClient(name, config, log_level=self.lifecycle.log_level)
+        client = EngineClient(name, config, log_level=self.lifecycle.log_level,
+                              limits=self.lifecycle.client_limits)
+        client.observer = self.observer
         served = ServedModel(name, client, created=int(manifest.created),
                              digest=manifest.digest, keep_alive=self.lifecycle.keep_alive,
                              default_keep_alive=self.lifecycle.keep_alive,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import signal
 from pathlib import Path
@@ -14,11 +15,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from pensieve import __version__
+from pensieve.api.access import is_loopback
 from pensieve.api.app import create_app
+from pensieve.api.limits import guarded_h11_protocol
+from pensieve.api.safety import SafetyConfig
 from pensieve.config import Settings, memory_budget_bytes, store_dir
 from pensieve.engine.client import EngineClient
 from pensieve.engine.engine import EngineConfig
 from pensieve.errors import PensieveError
+from pensieve.logs import setup_logging
 from pensieve.runtime import LifecycleConfig, ModelRuntime
 from pensieve.store.default_model import (
     DEFAULT_MODEL_NAME,
@@ -32,11 +37,6 @@ from pensieve.store.store import ModelDefaults, ModelStore
 
 log = logging.getLogger("pensieve")
 console = Console(stderr=True)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def model_name_for(path: Path) -> str:
@@ -56,13 +56,30 @@ def resolve_model(settings: Settings) -> tuple[str, Path]:
     return settings.model_alias or model_name_for(path), path
 
 
+def check_exposure(settings: Settings) -> str | None:
+    """Why the server must not start as configured, or None."""
+    if settings.ssl_certfile is None and settings.ssl_keyfile is not None:
+        return "--ssl-keyfile needs --ssl-certfile"
+    if is_loopback(settings.host) or settings.allow_unauthenticated_remote:
+        return None
+    if not settings.all_api_keys():
+        return (f"refusing to listen on {settings.host} (reachable from other machines) "
+                "without API keys: set --api-keys or --api-key-file, or pass "
+                "--allow-unauthenticated-remote")
+    return None
+
+
 def serve(settings: Settings) -> int:
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
+        refusal = check_exposure(settings)
         name, path = resolve_model(settings)
         read_gguf(path)  # a corrupt file is refused here, before llama.cpp sees it
-    except (FileNotFoundError, DefaultModelUnavailable, PensieveError) as exc:
+    except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
+        return 2
+    if refusal is not None:
+        console.print(f"[red]Cannot start:[/red] {refusal}")
         return 2
     level = logging.getLevelName(settings.log_level.upper())
     store = ModelStore(store_dir(settings))
@@ -71,15 +88,22 @@ def serve(settings: Settings) -> int:
     if settings.model is None:
         _register_default_model(store, path, name)
     config = settings.engine_config(str(path), digest)
-    runtime.add(name, EngineClient(name, config, log_level=level), digest=digest)
-    app = create_app(runtime)
+    runtime.add(name, EngineClient(name, config, log_level=level,
+                                   limits=settings.client_limits()), digest=digest)
+    safety = SafetyConfig(settings.access_config(), settings.limits_config())
+    app = create_app(runtime, safety)
     _print_banner(settings, name)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal against the
     # handler it found; a no-op handler makes that a clean exit 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=30)
+                log_config=None, access_log=False,
+                timeout_graceful_shutdown=int(math.ceil(settings.shutdown_timeout)),
+                http=guarded_h11_protocol(settings.read_timeout),
+                h11_max_incomplete_event_size=settings.max_header_bytes,
+                limit_concurrency=settings.max_connections,
+                ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
     log.info("stopped")
     return 0
 
@@ -93,7 +117,8 @@ def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> Mode
         return dataclasses.replace(config, context=context)
 
     lifecycle = LifecycleConfig(memory_budget_bytes(settings), settings.max_loaded_models,
-                                parse_keep_alive(settings.keep_alive), log_level)
+                                parse_keep_alive(settings.keep_alive), log_level,
+                                settings.client_limits())
     return ModelRuntime(store, make_config, lifecycle)
 
 
@@ -114,9 +139,10 @@ def _print_banner(settings: Settings, name: str) -> None:
 
 def banner_text(settings: Settings, name: str) -> str:
     """What `pensieve serve` prints on start: where it listens, the model, how to connect."""
-    listen = f"http://{settings.host}:{settings.port}"
+    scheme = "https" if settings.ssl_certfile else "http"
+    listen = f"{scheme}://{settings.host}:{settings.port}"
     connect_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{connect_host}:{settings.port}"
+    url = f"{scheme}://{connect_host}:{settings.port}"
     body = json.dumps({"model": name, "max_tokens": 64,
                        "messages": [{"role": "user", "content": "Hello"}]})
     return "\n".join([

@@ -14,23 +14,29 @@ from pensieve.api import (
     admin,
     anthropic,
     embeddings,
+    metrics,
     ollama,
     ollama_embed,
     ollama_models,
     openai,
     web,
 )
+from pensieve.api.access import AccessConfig
 from pensieve.api.errors import install_error_handlers
+from pensieve.api.safety import SafetyConfig, install_safety
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
 
 log = logging.getLogger("pensieve.api")
 
 
-def create_app(runtime: ModelRuntime) -> FastAPI:
+def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = runtime
+        runtime.observer = app.state.metrics  # for models loaded later, from the store
+        for served in runtime.models():
+            served.client.observer = app.state.metrics
         await runtime.start_all()
         log.info("ready: serving %s", ", ".join(runtime.names()))
         try:
@@ -43,6 +49,9 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
                   description="A local LLM server with continuous batching and memory.",
                   docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    # Without a config (tests, embedding) any Host is accepted; `pensieve serve` always passes
+    # one built from the settings, which checks Host against the loopback names by default.
+    install_safety(app, runtime, safety or SafetyConfig(AccessConfig(allowed_hosts=("*",))))
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(ollama.router)
@@ -51,6 +60,7 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
     app.include_router(ollama_embed.router)
     app.include_router(web.router)
     app.include_router(ollama_models.router)
+    app.include_router(metrics.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -59,6 +69,14 @@ def create_app(runtime: ModelRuntime) -> FastAPI:
         status = {"status": "ok" if ready else "loading",
                   "models": {m.name: _model_status(m.client) for m in models}}
         return JSONResponse(status, status_code=200)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """200 when at least one model can serve now, else 503 (loading, crashed)."""
+        models = request.app.state.runtime.models()
+        serving = [m.name for m in models if m.client.is_running]
+        body = {"status": "ready" if serving else "not ready", "models": serving}
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     return app
 

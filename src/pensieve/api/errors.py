@@ -117,7 +117,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.error("request failed: %s", exc.message)
         return error_response(request.url.path, exc.status_code, exc.message,
-                              type_=exc.error_type, param=exc.param, code=exc.code)
+                              type_=exc.error_type, param=exc.param, code=exc.code,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -17,8 +17,9 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
+from typing import Protocol
 
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.types import (
@@ -40,7 +41,14 @@ from pensieve.engine.types import (
     WorkerReady,
 )
 from pensieve.engine.worker import run_worker
-from pensieve.errors import EngineError, InvalidRequest, ModelLoadError, WorkerCrashed
+from pensieve.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelLoadError,
+    Overloaded,
+    WorkerCrashed,
+)
 
 log = logging.getLogger("pensieve.client")
 
@@ -51,6 +59,28 @@ _STOP_TIMEOUT_S = 10.0
 @dataclass(frozen=True, slots=True)
 class _Crash:
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Per-model request limits enforced in the API process (docs/security.md)."""
+
+    max_in_flight: int | None = None  # generation requests submitted and not finished
+    deadline_s: float | None = None  # from submission to the last token
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None  # cap on each choice's max_tokens
+    log_prompts: bool = False
+    log_format: str = "text"  # the worker's log lines: "text" or "json"
+
+
+class EngineObserver(Protocol):
+    """Receives what the metrics need; every hook is called on the event loop."""
+
+    def on_step(self, model: str, num_batch_tokens: int) -> None: ...
+    def on_first_token(self, model: str, seconds: float) -> None: ...
+    def on_tokens(self, model: str, num_tokens: int, gap_s: float | None) -> None: ...
+    def on_finish(self, model: str, num_prompt_tokens: int) -> None: ...
+    def on_rejected(self, model: str, reason: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -65,9 +95,13 @@ class EngineStats:
 class EngineClient:
     """Starts, feeds and watches one worker process."""
 
-    def __init__(self, name: str, config: EngineConfig, *, log_level: int = logging.INFO):
+    def __init__(self, name: str, config: EngineConfig, *, log_level: int = logging.INFO,
+                 limits: ClientLimits | None = None):
         self.name = name
         self.config = config
+        self.limits = limits or ClientLimits()
+        self.observer: EngineObserver | None = None
+        self.num_in_flight = 0
         self.info: ModelInfo | None = None
         self.stats = EngineStats()
         self._log_level = log_level
@@ -94,10 +128,6 @@ class EngineClient:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
@@ -123,7 +153,8 @@ class EngineClient:
     def _spawn_and_wait(self) -> ModelInfo:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=run_worker, args=(child, self.config, self._log_level),
+        proc = ctx.Process(target=run_worker,
+                           args=(child, self.config, self._log_level, self.limits.log_format),
                            name=f"pensieve-worker-{self.name}", daemon=True)
         started = time.perf_counter()
         proc.start()
@@ -206,6 +237,8 @@ class EngineClient:
         self.stats.num_running = msg.num_running
         self.stats.num_waiting = msg.num_waiting
         self.stats.num_batch_tokens = msg.num_batch_tokens
+        if self.observer is not None:
+            self.observer.on_step(self.name, msg.num_batch_tokens)
         if msg.memory is not None:
             self.stats.memory = msg.memory
         for out in msg.outputs:
@@ -241,18 +274,50 @@ class EngineClient:
 
         Leaving the iteration early (the client went away) aborts the request in the worker.
         """
-        await self.ensure_started()
+        self._admit()
+        self.num_in_flight += 1
+        run = self._run(self._capped(request))
+        try:
+            await self.ensure_started()
+            async for item in run:
+                yield item
+        finally:
+            await run.aclose()  # now, not at garbage collection: the abort must go out
+            self.num_in_flight -= 1
+
+    def _admit(self) -> None:
+        limit = self.limits.max_in_flight
+        if limit is not None and self.num_in_flight >= limit:
+            if self.observer is not None:
+                self.observer.on_rejected(self.name, "queue_full")
+            raise Overloaded(
+                f"Model {self.name!r} has {self.num_in_flight} requests in flight, the most "
+                "it queues; retry shortly.", code="queue_full", retry_after_s=1)
+
+    def _capped(self, request: EngineRequest) -> EngineRequest:
+        cap = self.limits.max_tokens
+        asked = request.params.max_tokens
+        if cap is None or (asked is not None and asked <= cap):
+            return request
+        return replace(request, params=replace(request.params, max_tokens=cap))
+
+    async def _run(self, request: EngineRequest) -> AsyncIterator[SeqOutput | RequestAccepted]:
         stream: asyncio.Queue[object] = asyncio.Queue()
         rid = request.request_id
         self._streams[rid] = stream
         self.touch()
         num_open = request.params.n
-        timing = _RequestTiming(time.perf_counter())
+        timing = _RequestTiming(time.perf_counter(), self.name, self.observer)
+        deadline = _Deadline(self.limits.deadline_s)
+        if self.limits.log_prompts:
+            log.info("%s prompt: %r", rid, request.prompt or request.prompt_tokens)
         try:
             self._outbox.put(request)
             while num_open > 0:
-                item = await stream.get()
+                item = await deadline.wait(stream.get())
                 _raise_for(item)
+                if isinstance(item, RequestAccepted):
+                    self._check_prompt_length(item)
                 if isinstance(item, SeqOutput):
                     timing.observe(item)
                     num_open -= item.finish_reason is not None
@@ -263,6 +328,13 @@ class EngineClient:
             if num_open > 0 and self.is_running:
                 self._outbox.put(AbortRequest(rid))
             timing.log(rid, aborted=num_open > 0)
+
+    def _check_prompt_length(self, accepted: RequestAccepted) -> None:
+        limit = self.limits.max_prompt_tokens
+        if limit is not None and accepted.num_prompt_tokens > limit:
+            raise InvalidRequest(
+                f"The prompt has {accepted.num_prompt_tokens} tokens; this server accepts at "
+                f"most {limit}.", param="messages", code="prompt_too_long")
 
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         rid = self.new_request_id("tok")
@@ -299,22 +371,52 @@ class EngineClient:
             self._streams.pop(msg.request_id, None)
 
 
+class _Deadline:
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    async def wait(self, next_item: Awaitable[object]) -> object:
+        if self.at is None:
+            return await next_item
+        try:
+            return await asyncio.wait_for(next_item, max(0.0, self.at - time.monotonic()))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"The request did not finish within the server's deadline of "
+                f"{self.seconds:g} s (--request-timeout).", code="deadline_exceeded") from None
+
+
 @dataclass(slots=True)
 class _RequestTiming:
-    """Per-request numbers for the log line (no prompt text is ever logged)."""
+    """Per-request numbers for the log line and the metrics (no prompt text is ever logged)."""
 
     started: float
+    model: str = ""
+    observer: EngineObserver | None = None
     first_token: float | None = None
+    last_token: dict[int, float] = field(default_factory=dict)  # by choice index
     num_prompt: int = 0
     num_output: int = 0
 
     def observe(self, out: SeqOutput) -> None:
+        now = time.perf_counter()
         if self.first_token is None and out.token_ids:
-            self.first_token = time.perf_counter()
+            self.first_token = now
+            if self.observer is not None:
+                self.observer.on_first_token(self.model, now - self.started)
         self.num_prompt = out.num_prompt_tokens
         self.num_output += len(out.token_ids)
+        if out.token_ids:
+            last = self.last_token.get(out.index)
+            if self.observer is not None:
+                gap = None if last is None else now - last
+                self.observer.on_tokens(self.model, len(out.token_ids), gap)
+            self.last_token[out.index] = now
 
     def log(self, rid: str, *, aborted: bool) -> None:
+        if self.observer is not None:
+            self.observer.on_finish(self.model, self.num_prompt)
         if self.first_token is None:
             return
         now = time.perf_counter()

@@ -27,16 +27,21 @@ from pensieve.engine.types import (
     WorkerFailed,
     WorkerReady,
 )
+from pensieve.logs import setup_logging
 
 log = logging.getLogger("pensieve.worker")
 
 
-def run_worker(conn: Connection, config: EngineConfig, log_level: int) -> None:
+def run_worker(conn: Connection, config: EngineConfig, log_level: int,
+               log_format: str = "text") -> None:
     """Process entry point (spawned): load the model, report, then serve until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
-    logging.basicConfig(
-        level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s"
-    )
+    if log_format == "json":
+        setup_logging(logging.getLevelName(log_level), "json")
+    else:
+        logging.basicConfig(
+            level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s"
+        )
     init_backend()
     try:
         engine = Engine(config)
