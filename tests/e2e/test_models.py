@@ -238,3 +238,15 @@ def test_a_models_defaults_fill_what_the_request_leaves_out(store_server: Server
     assert client.chat.completions.create(model="brief", messages=own).usage.prompt_tokens == \
         client.chat.completions.create(model="copy-a", messages=own,
                                        max_tokens=1).usage.prompt_tokens
+
+
+def test_keep_alive_works_through_the_ollama_api(
+        store_server: Server) -> None:
+    oc = ollama.Client(host=store_server.base_url, timeout=120)
+    oc.chat(model="copy-a", messages=HI, options={"num_predict": 2}, keep_alive=0)
+    wait_for(lambda: "copy-a:latest" not in resident(store_server), timeout=5)
+    assert oc.chat(model="copy-a", messages=HI, options={"num_predict": 2}).done
+    assert "copy-a:latest" in resident(store_server)  # loaded again, with the default back
+    with pytest.raises(ollama.ResponseError) as err:
+        oc.generate(model="copy-a", prompt="Hi", keep_alive="soon")
+    assert err.value.status_code == 400 and "keep_alive" in err.value.error

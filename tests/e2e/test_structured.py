@@ -52,11 +52,20 @@ def test_schema_output_streams_the_same_text(client: OpenAI) -> None:
 
 
 def test_json_object_gives_an_object(client: OpenAI) -> None:
-    r = client.chat.completions.create(
-        model=MODEL, temperature=0.8, seed=3, max_tokens=200,
-        messages=[{"role": "user", "content": "Describe a cat in JSON."}],
-        response_format={"type": "json_object"})
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # json_object bounds no string, so a sample may run out of tokens mid-object; every one
+    # that finishes must be a whole object, and most do
+    finished = 0
+    for seed in range(1, 6):
+        r = client.chat.completions.create(
+            model=MODEL, temperature=0.8, seed=seed, max_tokens=200,
+            messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+            response_format={"type": "json_object"})
+        choice = r.choices[0]
+        assert choice.message.content.lstrip().startswith("{")
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.message.content), dict)
+            finished += 1
+    assert finished >= 2
 
 
 @pytest.mark.parametrize(("schema", "keyword"), UNSUPPORTED)

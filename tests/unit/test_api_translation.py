@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from pydantic import ValidationError
 
@@ -11,7 +9,7 @@ from pensieve.api.anthropic_protocol import MessagesRequest
 from pensieve.api.chat import ChatMessage, ResponseFormat, Timings
 from pensieve.api.go_template import render_go_template
 from pensieve.api.ollama import fim_token_ids
-from pensieve.api.ollama_protocol import GenerateRequest, Options, parse_keep_alive
+from pensieve.api.ollama_protocol import GenerateRequest, Options
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.errors import InvalidRequest
 
@@ -71,20 +69,6 @@ def test_default_options_are_ollamas_without_a_repeat_penalty() -> None:
 
 def test_negative_seed_means_random() -> None:
     assert Options(seed=-1).to_sampling_params(2048).seed is None
-
-
-@pytest.mark.parametrize(("value", "seconds"), [
-    (None, None), (0, 0.0), (300, 300.0), (-1, math.inf), ("-1", math.inf), ("5m", 300.0),
-    ("1h30m", 5400.0), ("1.5s", 1.5), ("300ms", 0.3), ("10", 10.0),
-])
-def test_keep_alive_parses_seconds_and_go_durations(value: object, seconds: float) -> None:
-    assert parse_keep_alive(value) == seconds  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("value", ["forever", "5 minutes", "m", "1x", ""])
-def test_keep_alive_refuses_nonsense(value: str) -> None:
-    with pytest.raises(ValueError):
-        parse_keep_alive(value)
 
 
 def test_format_becomes_a_response_format() -> None:

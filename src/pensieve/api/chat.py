@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pensieve.api.generation import Generation, start
+from pensieve.api.model_defaults import with_system_prompt
 from pensieve.engine.types import EngineRequest, FinishReason, ModelInfo, SamplingParams
 from pensieve.runtime import ServedModel
+from pensieve.store.store import ModelDefaults
 from pensieve.structured import JSON_OBJECT_GRAMMAR, grammar_for_json_schema
 from pensieve.templates import ChatTemplate
 
@@ -62,28 +64,33 @@ class TextRequest:
     prefill: str = ""
     use_cache: bool = True
     response_format: ResponseFormat | None = None
-    keep_alive_s: float | None = None  # seconds to keep the model loaded; None: server default
 
     def __post_init__(self) -> None:
         sources = (self.messages, self.prompt, self.prompt_tokens)
         assert sum(s is not None for s in sources) == 1, "exactly one prompt source"
 
 
-def chat_template(info: ModelInfo) -> ChatTemplate:
-    return ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
+def chat_template(info: ModelInfo, defaults: ModelDefaults | None = None) -> ChatTemplate:
+    """The model's chat template, or the store model's override of it."""
+    source = (defaults.template if defaults else None) or info.chat_template
+    return ChatTemplate.for_model(source, info.bos_token, info.eos_token)
 
 
-def render_messages(info: ModelInfo, messages: tuple[ChatMessage, ...], prefill: str = "") -> str:
-    """The prompt for `messages`, ending where the assistant's answer (after `prefill`) starts."""
+def render_messages(info: ModelInfo, messages: tuple[ChatMessage, ...], prefill: str = "",
+                    defaults: ModelDefaults | None = None) -> str:
+    """The prompt for `messages`, ending where the assistant's answer (after `prefill`) starts;
+    a store model's defaults add its system prompt (unless the messages bring one)."""
     as_dicts = [{"role": m.role, "content": m.content} for m in messages]
-    return chat_template(info).render(as_dicts, add_generation_prompt=True) + prefill
+    if defaults is not None:
+        as_dicts = with_system_prompt(as_dicts, defaults)
+    return chat_template(info, defaults).render(as_dicts, add_generation_prompt=True) + prefill
 
 
 async def count_prompt_tokens(served: ServedModel, messages: tuple[ChatMessage, ...],
                               prefill: str = "") -> int:
     """How many tokens `messages` take as a prompt, tokenized exactly as a generation would."""
     info = await served.client.ensure_started()
-    prompt = render_messages(info, messages, prefill)
+    prompt = render_messages(info, messages, prefill, served.defaults)
     return len(await served.client.tokenize(prompt, add_special=True))
 
 
@@ -194,18 +201,19 @@ async def start_text(served: ServedModel, request: TextRequest, *,
     info = await served.client.ensure_started()
     timings.loaded_ns = time.perf_counter_ns()
     rid = f"{id_prefix}{uuid.uuid4().hex}"
-    engine_req = _engine_request(rid, info, request)
+    engine_req = _engine_request(rid, info, request, served.defaults)
     gen = await start(served.client, engine_req)
     timings.accepted_ns = time.perf_counter_ns()
     return TextGeneration(rid, served.name, gen, timings, request.prompt_tokens)
 
 
-def _engine_request(rid: str, info: ModelInfo, request: TextRequest) -> EngineRequest:
+def _engine_request(rid: str, info: ModelInfo, request: TextRequest,
+                    defaults: ModelDefaults) -> EngineRequest:
     if request.prompt_tokens is not None:
         return EngineRequest(rid, request.params, prompt_tokens=request.prompt_tokens,
                              use_cache=request.use_cache)
     if request.messages is not None:
-        prompt = render_messages(info, request.messages, request.prefill)
+        prompt = render_messages(info, request.messages, request.prefill, defaults)
     else:
         prompt = (request.prompt or "") + request.prefill
     return EngineRequest(rid, request.params, prompt=prompt, use_cache=request.use_cache)

@@ -53,13 +53,14 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
     body.check_supported()
     served = _runtime(request).get(body.model)
+    _runtime(request).apply_keep_alive(served, body.keep_alive)
     messages = tuple(m.to_message() for m in body.messages)
     info = await served.client.ensure_started()
     if not messages:  # Ollama's way to load a model: answer at once, done_reason "load"
         return JSONResponse({**_head(served), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
     text_req = TextRequest(body.options.to_sampling_params(info.n_ctx_seq), messages=messages,
-                           response_format=body.response_format, keep_alive_s=body.keep_alive_s)
+                           response_format=body.response_format)
     gen = await start_text(served, text_req, id_prefix="ollama-chat-")
     if body.stream:
         return StreamingResponse(_stream(gen, "chat"), media_type=_NDJSON)
@@ -76,14 +77,14 @@ async def generate(request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
     body.check_supported()
     served = _runtime(request).get(body.model)
+    _runtime(request).apply_keep_alive(served, body.keep_alive)
     info = await served.client.ensure_started()
     if not body.prompt and not body.context and not body.suffix:
         return JSONResponse({**_head(served), "response": "", "done": True,
                              "done_reason": "load"})
     tokens = await _generate_tokens(served, info, body)
     text_req = TextRequest(body.options.to_sampling_params(info.n_ctx_seq),
-                           prompt_tokens=tuple(tokens), response_format=body.response_format,
-                           keep_alive_s=body.keep_alive_s)
+                           prompt_tokens=tuple(tokens), response_format=body.response_format)
     gen = await start_text(served, text_req, id_prefix="ollama-gen-")
     if body.stream:
         return StreamingResponse(_stream(gen, "generate"), media_type=_NDJSON)
@@ -106,7 +107,8 @@ async def _generate_tokens(served: ServedModel, info: ModelInfo,
         prompt = render_go_template(body.template, body.system or "", body.prompt)
     else:
         system = (ChatMessage("system", body.system),) if body.system else ()
-        prompt = render_messages(info, (*system, ChatMessage("user", body.prompt)))
+        prompt = render_messages(info, (*system, ChatMessage("user", body.prompt)),
+                                 defaults=served.defaults)
     if body.context:
         return list(body.context) + await client.tokenize(prompt, add_special=False)
     return await client.tokenize(prompt, add_special=True)

@@ -36,6 +36,7 @@ class EmbeddingsBody(BaseModel):
 async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
     started = time.perf_counter_ns()
     served = request.app.state.runtime.get(body.model)
+    request.app.state.runtime.apply_keep_alive(served, body.keep_alive)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     result = await served.client.embed(inputs, truncate=body.truncate)  # type: ignore[arg-type]
     vectors = result.embeddings
@@ -49,6 +50,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
 @router.post("/api/embeddings")
 async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
     served = request.app.state.runtime.get(body.model)
+    request.app.state.runtime.apply_keep_alive(served, body.keep_alive)
     result = await served.client.embed([body.prompt])
     return {"embedding": result.embeddings[0]}
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -14,15 +12,13 @@ from pensieve.api.chat import ChatMessage, ResponseFormat
 from pensieve.api.protocol import StrictBody
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
+from pensieve.store.durations import parse_keep_alive
 
 log = logging.getLogger("pensieve.api")
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SCHEMA_CHARS = 1 << 16
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-                 "h": 3600.0}
 # Options that size or place the model at load time: one server-wide setting each in Pensieve.
 _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
                  "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread",
@@ -92,33 +88,6 @@ def _last_n(value: int | None, n_ctx: int) -> int:
     return n_ctx if value == -1 else value
 
 
-def parse_keep_alive(value: float | int | str | None) -> float | None:
-    """Seconds to keep the model loaded (inf: forever, 0: unload now); None when not given.
-
-    Ollama takes a number of seconds or a Go duration string ("5m", "1h30m", "-1").
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = _parse_duration(value.strip())
-    if math.isnan(value):
-        raise ValueError("keep_alive must be a number of seconds or a duration like '5m'")
-    return math.inf if value < 0 else float(value)
-
-
-def _parse_duration(text: str) -> float:
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
-    try:
-        return sign * float(body)
-    except ValueError:
-        pass
-    parts = _DURATION_PART.findall(body)
-    if not body or "".join(n + u for n, u in parts) != body:
-        raise ValueError(f"keep_alive {text!r} is not a duration like '5m', '1h30m' or '-1'")
-    return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-
-
 def parse_format(value: str | dict[str, Any] | None) -> ResponseFormat | None:
     if value is None or value == "":
         return None
@@ -153,7 +122,11 @@ class _GenerateFields(StrictBody):
     @field_validator("keep_alive")
     @classmethod
     def _check_keep_alive(cls, value: float | int | str | None) -> float | int | str | None:
-        parse_keep_alive(value)
+        if value is not None:
+            try:
+                parse_keep_alive(value)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
         return value
 
     def check_supported(self) -> None:
@@ -169,9 +142,6 @@ class _GenerateFields(StrictBody):
     def response_format(self) -> ResponseFormat | None:
         return parse_format(self.format)
 
-    @property
-    def keep_alive_s(self) -> float | None:
-        return parse_keep_alive(self.keep_alive)
 
 
 def refuse_images(images: list[Any] | None, param: str) -> None:
