@@ -1,4 +1,5 @@
-"""The one engine path behind the Ollama and Anthropic APIs.
+"""The one engine path behind the Ollama and Anthropic APIs, and the prompt rendering that all
+three API families share (`render_prompt`).
 
 Each API family translates its request into a `TextRequest` (chat messages or a ready prompt,
 plus `SamplingParams`), runs it with `start_text`, and renders the `Delta`s, `Usage` and
@@ -78,12 +79,19 @@ def chat_template(info: ModelInfo, defaults: ModelDefaults | None = None) -> Cha
 
 def render_messages(info: ModelInfo, messages: tuple[ChatMessage, ...], prefill: str = "",
                     defaults: ModelDefaults | None = None) -> str:
-    """The prompt for `messages`, ending where the assistant's answer (after `prefill`) starts;
-    a store model's defaults add its system prompt (unless the messages bring one)."""
-    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    """The prompt for `messages`, ending where the assistant's answer (after `prefill`) starts."""
+    return render_prompt(info, [{"role": m.role, "content": m.content} for m in messages],
+                         defaults, prefill)
+
+
+def render_prompt(info: ModelInfo, messages: list[dict[str, Any]],
+                  defaults: ModelDefaults | None = None, prefill: str = "") -> str:
+    """Template messages (role/content dicts) rendered with the model's chat template; every API
+    family builds its prompts here. A store model's defaults add its system prompt (unless the
+    messages bring one) and may override the template."""
     if defaults is not None:
-        as_dicts = with_system_prompt(as_dicts, defaults)
-    return chat_template(info, defaults).render(as_dicts, add_generation_prompt=True) + prefill
+        messages = with_system_prompt(messages, defaults)
+    return chat_template(info, defaults).render(messages, add_generation_prompt=True) + prefill
 
 
 async def count_prompt_tokens(served: ServedModel, messages: tuple[ChatMessage, ...],

