@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -89,8 +89,8 @@ async def chat_completions(body: ChatCompletionRequest,
     meta = {"id": rid, "created": int(time.time()), "model": served.name,
             "system_fingerprint": _fingerprint(served)}
     if body.stream:
-        stream = (_chat_tool_stream if body.uses_tools() else _chat_stream)(
-            gens, meta, body.n, body.include_usage())
+        render = _tool_choices(body.n) if body.uses_tools() else _text_choices
+        stream = _chat_stream(gens, meta, body.n, body.include_usage(), render)
         return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
     result = await until_disconnect(request, collect(merged(gens), body.n))
     return JSONResponse(_chat_response(meta, result, gens, body.uses_tools()))
@@ -128,35 +128,33 @@ def _chat_response(meta: dict[str, Any], result: Collected, gens: list[Generatio
             "usage": _usage(gens, result.counts)}
 
 
-async def _chat_tool_stream(gens: list[Generation], meta: dict[str, Any], n: int,
-                            include_usage: bool) -> AsyncIterator[bytes]:
+ChoiceRenderer = Callable[[SeqOutput], list[dict[str, Any]]]
+
+
+def _text_choices(out: SeqOutput) -> list[dict[str, Any]]:
+    """A plain answer streams as it comes: one chunk per output that says something."""
+    lp = _chat_logprobs(out.logprobs) if out.logprobs else None
+    if not (out.text or out.finish_reason is not None or lp):
+        return []
+    return [_chunk_choice(out.index, {"content": out.text} if out.text else {}, out, lp)]
+
+
+def _tool_choices(n: int) -> ChoiceRenderer:
     """Tool replies are JSON that only means something whole: each choice is collected, then
     sent as OpenAI's deltas (content, or per call: id and name, then the arguments)."""
-    base = {**meta, "object": "chat.completion.chunk"}
-    outputs = merged(gens)
     texts: list[str] = [""] * n
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    counts = TokenCounts()
-    try:
-        for i in range(n):
-            yield sse({**base, "choices": [_chunk_choice(i, {"role": "assistant", "content": ""})]})
-        async for out in outputs:
-            counts.observe(out)
-            texts[out.index] += out.text
-            logprobs[out.index].extend(out.logprobs or [])
-            if out.finish_reason is not None:
-                for chunk in _tool_chunks(base, out, texts[out.index], logprobs[out.index]):
-                    yield sse(chunk)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
-        yield SSE_DONE
-    except PensieveError as exc:
-        yield sse(error_body(exc))
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
+
+    def render(out: SeqOutput) -> list[dict[str, Any]]:
+        texts[out.index] += out.text
+        logprobs[out.index].extend(out.logprobs or [])
+        if out.finish_reason is None:
+            return []
+        return _tool_chunks(out, texts[out.index], logprobs[out.index])
+    return render
 
 
-def _tool_chunks(base: dict[str, Any], out: SeqOutput, text: str,
+def _tool_chunks(out: SeqOutput, text: str,
                  logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
     reply = parse_reply(text)
     lp = _chat_logprobs(logprobs) if logprobs else None
@@ -174,11 +172,11 @@ def _tool_chunks(base: dict[str, Any], out: SeqOutput, text: str,
     if reply.tool_calls:
         last["finish_reason"] = "tool_calls"
     chunks.append(last)
-    return [{**base, "choices": [c]} for c in chunks]
+    return chunks
 
 
 async def _chat_stream(gens: list[Generation], meta: dict[str, Any], n: int,
-                       include_usage: bool) -> AsyncIterator[bytes]:
+                       include_usage: bool, render: ChoiceRenderer) -> AsyncIterator[bytes]:
     base = {**meta, "object": "chat.completion.chunk"}
     counts = TokenCounts()
     outputs = merged(gens)
@@ -187,10 +185,7 @@ async def _chat_stream(gens: list[Generation], meta: dict[str, Any], n: int,
             yield sse({**base, "choices": [_chunk_choice(i, {"role": "assistant", "content": ""})]})
         async for out in outputs:
             counts.observe(out)
-            lp = _chat_logprobs(out.logprobs) if out.logprobs else None
-            if out.text or out.finish_reason is not None or lp:
-                delta = {"content": out.text} if out.text else {}
-                choice = _chunk_choice(out.index, delta, out, lp)
+            for choice in render(out):
                 yield sse({**base, "choices": [choice]})
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
