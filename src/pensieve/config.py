@@ -67,9 +67,10 @@ class Settings(BaseSettings):
         True, description="Reuse the KV of earlier requests that share an exact token prefix "
         "(a conversation's earlier turns, a common system prompt). Off: no memory at all.")
     memory_reuse_generated: bool = Field(
-        False, description="Also reuse the KV of generated answers. Saves recomputing the last "
-        "answer each turn, but a follow-up may then differ at near-ties from a fresh "
-        "computation; off, reuse never changes an answer.")
+        True, description="Also reuse the KV of generated answers, as llama-server and vLLM do: "
+        "a follow-up turn computes only the new message. Off: each turn recomputes the previous "
+        "answer as prompt, so a turn restored from memory matches a fresh computation "
+        "bit for bit when the KV layout is the same (see docs/architecture.md, Determinism).")
     memory_ram_mb: int = Field(2048, ge=0, le=1 << 24,
                                description="RAM budget for conversations' KV outside the "
                                "llama context, in MiB. 0: no RAM tier.")

@@ -59,10 +59,10 @@ def clean_fourth_turn(tmp_path: Path, history: list[dict]) -> dict:
         stop_server(server)
 
 
-def first_three_turns(tmp_path: Path, data: Path) -> tuple[list[dict], int]:
+def first_three_turns(tmp_path: Path, data: Path, *flags: str) -> tuple[list[dict], int]:
     """Three turns on a server over `data`, then stop it. Returns the history and the last
     turn's prompt length."""
-    server = start_server(tmp_path, data_dir=data)
+    server = start_server(tmp_path, *flags, data_dir=data)
     try:
         return converse(server, 3)
     finally:
@@ -83,14 +83,21 @@ def fourth_turn_after_restart(tmp_path: Path, data: Path, history: list[dict], *
     return reply, memory, fresh
 
 
-def test_a_conversation_continues_from_disk_after_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [(), ("--no-memory-reuse-generated",)],
+                         ids=["default", "prompt-kv-only"])
+def test_a_conversation_continues_from_disk_after_a_restart(
+        tmp_path: Path, flags: tuple[str, ...]) -> None:
     data = tmp_path / "data"
-    history, last_prompt = first_three_turns(tmp_path, data)
+    history, last_prompt = first_three_turns(tmp_path, data, *flags)
     assert list((data / "memory").glob("*/*.kv"))
-    restored, memory, fresh = fourth_turn_after_restart(tmp_path, data, history, reference=True)
+    restored, memory, fresh = fourth_turn_after_restart(tmp_path, data, history, *flags,
+                                                        reference=True)
     assert fresh is not None
     cached = restored["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached >= last_prompt  # the whole third turn came back from disk
+    if flags:  # the whole third turn's prompt came back from disk, its answer is recomputed
+        assert cached == last_prompt
+    else:  # the third turn's answer came back too: only the new message is computed
+        assert cached > last_prompt
     assert memory["hits"]["disk"] >= 1 and memory["tokens_saved"]["disk"] >= cached
     assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert_same_answer(restored, fresh)

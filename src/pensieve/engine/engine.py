@@ -42,7 +42,7 @@ class EngineConfig:
     use_mmap: bool = True
     prefix_cache: bool = True
     memory: MemoryConfig | None = None  # RAM and disk tiers; None: live context only
-    reuse_generated: bool = False  # also reuse KV of generated tokens (faster, not exact)
+    reuse_generated: bool = True  # also reuse KV of generated tokens (off: prompt KV only)
 
 
 class Engine:

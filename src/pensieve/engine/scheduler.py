@@ -159,9 +159,10 @@ class Scheduler:
     def _num_reusable(self, seq: Sequence) -> int:
         """Tokens whose KV later requests may reuse.
 
-        By default only the prompt's: generated tokens' KV was computed one token per step,
-        along other llama.cpp kernels than a prompt chunk, so reusing it can shift a later
-        answer at a near-tie, while prompt KV is bit-identical however it was chunked.
+        With `reuse_generated` (the server's default) all of them; without, only the prompt's:
+        generated tokens' KV was computed one token per step, along other llama.cpp kernels
+        than a prompt chunk, so reusing it can shift a later answer at a near-tie, while prompt
+        KV is bit-identical however it was chunked.
         """
         if self.reuse_generated:
             return seq.num_computed
