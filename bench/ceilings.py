@@ -79,6 +79,23 @@ def batched_decode(
     ]
 
 
+def workload_ceiling(
+    model: Path, threads: int, concurrencies: list[int], num_prompt: int, num_gen: int
+) -> dict[int, float]:
+    """Output tok/s llama.cpp itself reaches on a serving workload's shape, per concurrency.
+
+    llama-batched-bench prefills N prompts of `num_prompt` tokens in one batch, then decodes
+    `num_gen` tokens for all N together: the ideal schedule of N streams, with no HTTP, no
+    arrivals and no sampling beyond greedy. Output tokens over its total time is what no
+    server on this box and thread count can much exceed for that workload.
+    """
+    argv = [str(BIN_DIR / "llama-batched-bench"), "-m", str(model), "-t", str(threads)]
+    argv += ["-tb", str(threads), "-c", "16384", "-b", "2048", "-ub", "512", "-fa", "on"]
+    argv += ["-npp", str(num_prompt), "-ntg", str(num_gen)]
+    argv += ["-npl", ",".join(str(c) for c in concurrencies), "--output-format", "jsonl"]
+    return {row["pl"]: row["pl"] * row["tg"] / row["t"] for row in _jsonl(_run(argv))}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -54,6 +54,7 @@ class RequestResult:
     num_chunks: int = 0
     num_usage_tokens: int | None = None
     num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -91,6 +92,8 @@ class RunSummary:
     e2e_p50_ms: float | None
     e2e_p99_ms: float | None
     first_error: str | None
+    mean_prompt_tokens: float | None = None  # from usage, when the server reports it
+    mean_uncached_prompt_tokens: float | None = None  # prompt tokens it had to compute
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +157,8 @@ def _apply_chunk(result: RequestResult, chunk: dict[str, Any], clock: _Clock) ->
     if usage:
         result.num_usage_tokens = usage.get("completion_tokens")
         result.num_prompt_tokens = usage.get("prompt_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        result.num_cached_tokens = details.get("cached_tokens")
     for choice in chunk.get("choices") or []:
         content = (choice.get("delta") or {}).get("content")
         if not content:
@@ -290,7 +295,20 @@ def summarize(
         e2e_p50_ms=_ms(percentile(e2es, 50)),
         e2e_p99_ms=_ms(percentile(e2es, 99)),
         first_error=errors[0] if errors else None,
+        mean_prompt_tokens=_mean([r.num_prompt_tokens for r in ok]),
+        mean_uncached_prompt_tokens=_mean(
+            [
+                r.num_prompt_tokens - (r.num_cached_tokens or 0)
+                for r in ok
+                if r.num_prompt_tokens is not None
+            ]
+        ),
     )
+
+
+def _mean(values: list[int | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def format_summary(summary: RunSummary) -> str:

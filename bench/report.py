@@ -52,6 +52,12 @@ def _ratio(results: dict[str, dict[int, RunSummary]], baseline: str, concurrency
     return f"{ours.output_tok_s / theirs.output_tok_s:.2f}x"
 
 
+def _share(summary: RunSummary | None, ceiling: float | None) -> str:
+    if summary is None or not ceiling:
+        return "-"
+    return f"{summary.output_tok_s / ceiling:.2f}"
+
+
 def _workload_cell(concurrency: int, results: dict[str, dict[int, RunSummary]]) -> str:
     counts = {s[concurrency].num_requests for s in results.values() if concurrency in s}
     return f"c={concurrency} n={'/'.join(str(n) for n in sorted(counts))}"
@@ -77,14 +83,20 @@ def build_table(
     concurrencies: list[int],
     skipped: dict[str, str],
     extra_notes: list[str] | None = None,
+    ceilings: dict[int, float] | None = None,
 ) -> Table:
-    """Lay the results out; servers without results get no columns."""
+    """Lay the results out; servers without results get no columns. `ceilings`: llama.cpp's
+    own output tok/s on each workload's shape (ceilings.workload_ceiling), with each server's
+    share of it."""
     servers = [name for name in results if results[name]]
     headers = ["workload"] + [
         f"{server}\n{label}" for server in servers for label, _ in SERVER_COLUMNS
     ]
     baselines = [b for b in RATIO_BASELINES if OURS in servers and b in servers]
     headers += [f"{OURS}/\n{b}\nout tok/s" for b in baselines]
+    if ceilings:
+        headers += ["llama.cpp\nceiling\nout tok/s"]
+        headers += [f"{server}/\nceiling" for server in servers]
     rows = []
     for c in concurrencies:
         row = [_workload_cell(c, results)]
@@ -92,6 +104,10 @@ def build_table(
             summary = results[server].get(c)
             row += [render(summary) if summary else "-" for _, render in SERVER_COLUMNS]
         row += [_ratio(results, b, c) for b in baselines]
+        if ceilings:
+            ceiling = ceilings.get(c)
+            row.append(_num(ceiling, 1))
+            row += [_share(results[server].get(c), ceiling) for server in servers]
         rows.append(row)
     return Table(title, headers, rows, _notes(results, skipped) + (extra_notes or []))
 

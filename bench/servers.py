@@ -65,6 +65,9 @@ class ServerSpec:
     command: tuple[str, ...]
     ready_path: str
     build_hint: str
+    # The flag that points the server at its state (Pensieve's memory lives on disk and would
+    # otherwise carry prompts over from earlier runs): each run gets an empty directory.
+    data_dir_flag: str | None = None
 
     def argv(self, *, model: Path, port: int, threads: int, parallel: int) -> list[str]:
         values = {
@@ -95,6 +98,7 @@ SERVERS: dict[str, ServerSpec] = {
             PENSIEVE_COMMAND,
             "/health",
             "install Pensieve into the main venv: .venv/bin/pip install -e .",
+            data_dir_flag="--data-dir",
         ),
         ServerSpec(
             "llama-server",

@@ -16,11 +16,14 @@ import logging
 import platform
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from ceilings import BIN_DIR as LLAMA_BIN_DIR
+from ceilings import workload_ceiling
 from loadgen import (
     RunSummary,
     Timeouts,
@@ -73,6 +76,9 @@ class BenchResults:
     commands: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     startup_s: dict[str, float] = dataclasses.field(default_factory=dict)
     busy_before: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    rounds: dict[str, dict[int, list[RunSummary]]] = dataclasses.field(default_factory=dict)
+    ceilings: dict[int, float] = dataclasses.field(default_factory=dict)
+    ceiling_prompt_tokens: int | None = None
     is_interrupted: bool = False
     started_at: str = dataclasses.field(
         default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -143,7 +149,15 @@ def bench_server(spec: ServerSpec, plan: BenchPlan, out: BenchResults) -> None:
     out.commands[spec.name] = argv
     log_path = LOG_DIR / f"{spec.name}.log"
     try:
-        with ServerProcess(argv, log_path, port, spec.ready_path) as server:
+        with (
+            tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-") as state,
+            ServerProcess(
+                argv + ([spec.data_dir_flag, state] if spec.data_dir_flag else []),
+                log_path,
+                port,
+                spec.ready_path,
+            ) as server,
+        ):
             out.startup_s[spec.name] = server.wait_ready(plan.ready_timeout_s)
             log.info("%s ready after %.1f s", spec.name, out.startup_s[spec.name])
             runs = out.results.setdefault(spec.name, {})
@@ -151,6 +165,50 @@ def bench_server(spec: ServerSpec, plan: BenchPlan, out: BenchResults) -> None:
     except ServerNotReady as exc:
         out.skipped[spec.name] = f"not ready ({exc}); see {log_path}"
         log.error("skipping %s: %s", spec.name, exc)
+
+
+def median_runs(rounds: dict[str, dict[int, list[RunSummary]]]) -> dict[str, dict[int, RunSummary]]:
+    """Per server and workload, the round whose output tok/s is the median (the lower middle
+    one for an even count): one real run, with its own latencies, rather than a blend."""
+    return {
+        name: {
+            c: sorted(runs, key=lambda s: s.output_tok_s)[(len(runs) - 1) // 2]
+            for c, runs in by_c.items()
+        }
+        for name, by_c in rounds.items()
+    }
+
+
+def measure_ceilings(plan: BenchPlan, out: BenchResults) -> None:
+    """llama.cpp's own output tok/s on the workload's shape, from llama-batched-bench.
+
+    Its prompts are as long as the fewest prompt tokens any server had to compute per request
+    (usage: prompt minus cached tokens; every request shares the chat template's system prompt,
+    which servers cache), so the ceiling errs high rather than low.
+    """
+    if not (LLAMA_BIN_DIR / "llama-batched-bench").is_file():
+        log.warning("llama-batched-bench not built (bash bench/build_llama_server.sh): no ceiling")
+        return
+    lengths = [
+        s.mean_uncached_prompt_tokens
+        for runs in out.results.values()
+        for s in runs.values()
+        if s.mean_uncached_prompt_tokens is not None
+    ]
+    if not lengths:
+        log.warning("no server reported usage: no prompt length for the ceiling")
+        return
+    out.ceiling_prompt_tokens = max(1, round(min(lengths)))
+    try:
+        out.ceilings = workload_ceiling(
+            plan.model,
+            plan.threads,
+            plan.concurrencies,
+            out.ceiling_prompt_tokens,
+            plan.sampling.max_tokens,
+        )
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        log.error("llama-batched-bench failed: %s", exc)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -195,6 +253,11 @@ def write_json(path: Path, plan: BenchPlan, out: BenchResults) -> None:
         "busy_cpu_before": out.busy_before,
         "interrupted": out.is_interrupted,
         "skipped": out.skipped,
+        "ceilings": {"prompt_tokens": out.ceiling_prompt_tokens, "out_tok_s": out.ceilings},
+        "rounds": {
+            name: {c: [s.output_tok_s for s in runs] for c, runs in by_c.items()}
+            for name, by_c in out.rounds.items()
+        },
         "results": {
             name: [s.to_dict() for s in runs.values()] for name, runs in out.results.items()
         },
@@ -231,6 +294,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json-out", type=Path, default=LOG_DIR / "serving-latest.json")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every server this many times, alternating, and report each workload's "
+        "median round (this host varies 10-20%% between runs)",
+    )
+    parser.add_argument(
+        "--no-ceiling",
+        action="store_true",
+        help="skip llama-batched-bench's run of the same workload shape (the ceiling columns)",
+    )
     add_workload_args(parser)
     return parser.parse_args(argv)
 
@@ -265,21 +340,40 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     out = BenchResults()
     try:
-        for name in plan.servers:
-            bench_server(SERVERS[name], plan, out)
+        for round_index in range(args.rounds):
+            if args.rounds > 1:
+                log.info("round %d of %d", round_index + 1, args.rounds)
+            for name in plan.servers:
+                bench_server(SERVERS[name], plan, out)
+                for concurrency, summary in out.results.get(name, {}).items():
+                    out.rounds.setdefault(name, {}).setdefault(concurrency, []).append(summary)
+                out.results.pop(name, None)
     except (KeyboardInterrupt, SystemExit):
         log.warning("interrupted: reporting what finished so far")
         out.is_interrupted = True
+    out.results = median_runs(out.rounds)
+    if not args.no_ceiling and not out.is_interrupted and out.results:
+        measure_ceilings(plan, out)
     title = (
         f"{plan.model.name}, {plan.threads} threads, max_tokens {plan.sampling.max_tokens}, "
         f"llama-server -np {plan.llama_server_parallel}, git {git_revision()}, {out.started_at}"
+        + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     busy_notes = [
         f"{name}: CPUs {busy:.0%} busy before it started (others' load; figures are low)"
         for name, busy in out.busy_before.items()
         if busy is not None and busy > BUSY_WARNING
     ]
-    table = build_table(title, out.results, plan.concurrencies, out.skipped, busy_notes)
+    if out.ceilings:
+        busy_notes.append(
+            f"ceiling: llama-batched-bench, {out.ceiling_prompt_tokens} prompt tokens and "
+            f"{plan.sampling.max_tokens} generated per sequence, all sequences prefilled in one "
+            "batch then decoded together (no HTTP); a server/ceiling near 1 is at what this box "
+            "can do for the workload"
+        )
+    table = build_table(
+        title, out.results, plan.concurrencies, out.skipped, busy_notes, ceilings=out.ceilings
+    )
     print_table(table)
     if args.markdown:
         print(render_markdown(table))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -25,6 +27,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelSeries:
+    """One model's labelled children of the per-step and per-token metrics."""
+
+    step_tokens: Any
+    output_tokens: Any
+    itl: Any
 
 
 class Metrics:
@@ -54,21 +65,32 @@ class Metrics:
         self.rejected = Counter("pensieve_requests_rejected", "Generation requests refused "
                                 "before running (queue full).", ["model", "reason"], registry=r)
         r.register(_RuntimeCollector(runtime))
+        self._series: dict[str, _ModelSeries] = {}
 
     # --- EngineObserver --------------------------------------------------------------------
+    # Called for every step and token: the labelled children are looked up once per model.
+    def _per_model(self, model: str) -> _ModelSeries:
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = _ModelSeries(
+                self.step_tokens.labels(model), self.output_tokens.labels(model),
+                self.itl.labels(model))
+        return series
+
     def on_step(self, model: str, num_batch_tokens: int) -> None:
         if num_batch_tokens > 0:
-            self.step_tokens.labels(model).observe(num_batch_tokens)
+            self._per_model(model).step_tokens.observe(num_batch_tokens)
 
     def on_first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)
 
     def on_tokens(self, model: str, num_tokens: int, gap_s: float | None) -> None:
-        self.output_tokens.labels(model).inc(num_tokens)
+        series = self._per_model(model)
+        series.output_tokens.inc(num_tokens)
         if gap_s is not None and num_tokens > 0:
             per_token = gap_s / num_tokens
             for _ in range(num_tokens):
-                self.itl.labels(model).observe(per_token)
+                series.itl.observe(per_token)
 
     def on_finish(self, model: str, num_prompt_tokens: int) -> None:
         self.prompt_tokens.labels(model).inc(num_prompt_tokens)

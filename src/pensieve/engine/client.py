@@ -308,13 +308,15 @@ class EngineClient:
         self.touch()
         num_open = request.params.n
         timing = _RequestTiming(time.perf_counter(), self.name, self.observer)
-        deadline = _Deadline(self.limits.deadline_s)
+        deadline = _Deadline.start(self.limits.deadline_s, stream)
         if self.limits.log_prompts:
             log.info("%s prompt: %r", rid, request.prompt or request.prompt_tokens)
         try:
             self._outbox.put(request)
             while num_open > 0:
-                item = await deadline.wait(stream.get())
+                item = await stream.get()
+                if deadline is not None:
+                    deadline.check(item)
                 _raise_for(item)
                 if isinstance(item, RequestAccepted):
                     self._check_prompt_length(item)
@@ -323,6 +325,8 @@ class EngineClient:
                     num_open -= item.finish_reason is not None
                 yield item  # type: ignore[misc]
         finally:
+            if deadline is not None:
+                deadline.cancel()
             self._streams.pop(rid, None)
             self.touch()
             if num_open > 0 and self.is_running:
@@ -372,19 +376,28 @@ class EngineClient:
 
 
 class _Deadline:
-    def __init__(self, seconds: float | None):
-        self.seconds = seconds
-        self.at = None if seconds is None else time.monotonic() + seconds
+    """A timer that drops a marker into a request's stream when its time is up: the stream is
+    awaited directly (no `wait_for` task per token), and the marker raises where it is read."""
 
-    async def wait(self, next_item: Awaitable[object]) -> object:
-        if self.at is None:
-            return await next_item
-        try:
-            return await asyncio.wait_for(next_item, max(0.0, self.at - time.monotonic()))
-        except TimeoutError:
+    def __init__(self, seconds: float, handle: asyncio.TimerHandle):
+        self.seconds = seconds
+        self.handle = handle
+
+    @classmethod
+    def start(cls, seconds: float | None, stream: asyncio.Queue[object]) -> _Deadline | None:
+        if seconds is None:
+            return None
+        handle = asyncio.get_running_loop().call_later(seconds, stream.put_nowait, cls)
+        return cls(seconds, handle)
+
+    def check(self, item: object) -> None:
+        if item is _Deadline:
             raise DeadlineExceeded(
                 f"The request did not finish within the server's deadline of "
-                f"{self.seconds:g} s (--request-timeout).", code="deadline_exceeded") from None
+                f"{self.seconds:g} s (--request-timeout).", code="deadline_exceeded")
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 @dataclass(slots=True)
