@@ -60,7 +60,8 @@ def test_keys_metrics_and_request_ids(tmp_path: Path) -> None:
             metrics = http.get("/metrics", headers={"x-api-key": KEY}).text
         assert 'route="/v1/chat/completions",status="200"' in metrics
         assert "pensieve_time_to_first_token_seconds_count" in metrics
-        assert _sample(metrics, "pensieve_output_tokens_total") > 0
+        assert _sample(metrics, "pensieve_output_tokens_total") >= 5
+        assert _sample(metrics, "pensieve_inter_token_seconds_count") >= 4  # gaps of those 5
         assert _sample(metrics, "pensieve_batch_tokens_per_step_count") > 0
         assert _sample(metrics, "pensieve_model_loaded") == 1
     finally:
