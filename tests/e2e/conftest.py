@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,31 @@ def stop_server(server: Server) -> None:
 # tokens, and the runs diverge only where the top two tokens were within 0.14 nats.
 LOGPROB_TOLERANCE = 0.5  # nats, for the same token at the same position
 NEAR_TIE = 0.5  # nats: a diverging token must have been this close to the other run's choice
+
+
+def wait_for(predicate, timeout: float) -> float:  # noqa: ANN001
+    """Poll until `predicate()` holds; returns the seconds it took, fails after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def kill_worker_mid_stream(server: Server, path: str, body: dict) -> list[str]:
+    """Stream `body` to `path`, SIGKILL the model's worker after 4 lines, and return the
+    non-empty lines the stream still delivered (its end, with the error)."""
+    pid = server.model_status()["pid"]
+    lines: list[str] = []
+    with httpx.Client(timeout=60) as http, \
+            http.stream("POST", f"{server.base_url}{path}", json=body) as r:
+        it = r.iter_lines()
+        for _ in range(4):
+            lines.append(next(it))
+        os.kill(pid, signal.SIGKILL)
+        lines.extend(it)
+    return [line for line in lines if line]
 
 
 def assert_same_greedy_run(a: list, b: list) -> None:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, Server
-from tests.e2e.test_faults import wait_for
+from tests.e2e.conftest import MODEL, Server, kill_worker_mid_stream, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,21 +47,8 @@ def test_a_non_streaming_client_that_hangs_up_frees_its_sequence(server: Server)
     wait_for(lambda: server.model_status()["num_running"] == 0, timeout=2.0)
 
 
-def _kill_worker_mid_stream(server: Server, path: str, body: dict) -> list[str]:
-    pid = server.model_status()["pid"]
-    lines: list[str] = []
-    with httpx.Client(timeout=60) as http, \
-            http.stream("POST", f"{server.base_url}{path}", json=body) as r:
-        it = r.iter_lines()
-        for _ in range(4):
-            lines.append(next(it))
-        os.kill(pid, signal.SIGKILL)
-        lines.extend(it)
-    return [line for line in lines if line]
-
-
 def test_a_dying_worker_ends_an_ollama_stream_with_an_error_line(server: Server) -> None:
-    lines = _kill_worker_mid_stream(server, "/api/chat", OLLAMA_LONG)
+    lines = kill_worker_mid_stream(server, "/api/chat", OLLAMA_LONG)
     last = json.loads(lines[-1])
     assert list(last) == ["error"] and "exited unexpectedly" in last["error"]
     r = httpx.post(f"{server.base_url}/api/generate", timeout=120,
@@ -74,7 +58,7 @@ def test_a_dying_worker_ends_an_ollama_stream_with_an_error_line(server: Server)
 
 
 def test_a_dying_worker_ends_an_anthropic_stream_with_an_error_event(server: Server) -> None:
-    lines = _kill_worker_mid_stream(server, "/v1/messages", ANTHROPIC_LONG)
+    lines = kill_worker_mid_stream(server, "/v1/messages", ANTHROPIC_LONG)
     assert lines[-2] == "event: error"
     payload = json.loads(lines[-1].removeprefix("data: "))
     assert payload["type"] == "error" and payload["error"]["type"] == "overloaded_error"

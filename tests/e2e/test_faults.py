@@ -10,21 +10,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL, Server
+from tests.e2e.conftest import MODEL, Server, kill_worker_mid_stream, wait_for
 
 pytestmark = pytest.mark.e2e
 
 LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 4000, "temperature": 0, "stream": True, "ignore_eos": True}
-
-
-def wait_for(predicate, timeout: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_disconnected_stream_is_freed_within_a_second(server: Server) -> None:
@@ -51,14 +42,7 @@ def test_server_survives_a_worker_that_dies_mid_request(server: Server,
                                                          client: OpenAI) -> None:
     pid = server.model_status()["pid"]
     restarts = server.model_status()["num_restarts"]
-    events: list[str] = []
-    with httpx.Client(timeout=60) as http, \
-            http.stream("POST", f"{server.base_url}/v1/chat/completions", json=LONG) as r:
-        lines = r.iter_lines()
-        for _ in range(4):
-            events.append(next(lines))
-        os.kill(pid, signal.SIGKILL)
-        events.extend(lines)
+    events = kill_worker_mid_stream(server, "/v1/chat/completions", LONG)
     errors = [e for e in events if '"error"' in e]
     assert errors, events[-3:]
     assert "exited unexpectedly" in errors[0] and "signal 9" in errors[0]

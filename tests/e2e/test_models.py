@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,22 +17,13 @@ from openai import OpenAI
 
 from pensieve.store.default_model import SHA256
 from pensieve.store.store import ModelDefaults, ModelStore
-from tests.e2e.conftest import MODEL, Server, start_server, stop_server
+from tests.e2e.conftest import MODEL, Server, start_server, stop_server, wait_for
 from tests.store.fake_hub import FakeHub, HubRepo
 from tests.store.gguf_variants import VARIANTS, layout_of, write_variant
 
 pytestmark = pytest.mark.e2e
 
 HI = [{"role": "user", "content": "Say hi."}]
-
-
-def wait_for(predicate, timeout: float) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def resident(server: Server) -> list[str]:

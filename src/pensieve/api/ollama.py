@@ -46,14 +46,21 @@ async def version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
 
 
+def _serve(request: Request, body: ChatRequest | GenerateRequest) -> ServedModel:
+    """Check a parsed chat or generate body, then find its model and apply its keep_alive."""
+    body.warn_unknown_fields()
+    body.check_supported()
+    runtime = _runtime(request)
+    served = runtime.get(body.model)
+    runtime.apply_keep_alive(served, body.keep_alive)
+    return served
+
+
 # --- chat ------------------------------------------------------------------------------------
 @router.post("/api/chat", response_model=None)
 async def chat(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, ChatRequest)
-    body.warn_unknown_fields()
-    body.check_supported()
-    served = _runtime(request).get(body.model)
-    _runtime(request).apply_keep_alive(served, body.keep_alive)
+    served = _serve(request, body)
     messages = tuple(m.to_message() for m in body.messages)
     info = await served.client.ensure_started()
     if not messages:  # Ollama's way to load a model: answer at once, done_reason "load"
@@ -74,10 +81,7 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse:
 @router.post("/api/generate", response_model=None)
 async def generate(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, GenerateRequest)
-    body.warn_unknown_fields()
-    body.check_supported()
-    served = _runtime(request).get(body.model)
-    _runtime(request).apply_keep_alive(served, body.keep_alive)
+    served = _serve(request, body)
     info = await served.client.ensure_started()
     if not body.prompt and not body.context and not body.suffix:
         return JSONResponse({**_head(served), "response": "", "done": True,
