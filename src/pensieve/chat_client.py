@@ -46,9 +46,12 @@ class ChatClient:
     _http: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
+        self._http = self._new_http()
+
+    def _new_http(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._http = httpx.Client(base_url=self.base_url.rstrip("/"), headers=headers,
-                                  timeout=httpx.Timeout(self.timeout, connect=5.0))
+        return httpx.Client(base_url=self.base_url.rstrip("/"), headers=headers,
+                            timeout=httpx.Timeout(self.timeout, connect=5.0))
 
     def close(self) -> None:
         self._http.close()
@@ -69,16 +72,24 @@ class ChatClient:
         """Yield the answer's text pieces; fill `stats` as the stream goes."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         started, first = time.monotonic(), None
-        with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                _raise_for_error(resp)
-            for chunk in _sse_events(resp.iter_lines()):
-                text = _observe(chunk, stats)
-                if text:
-                    first = first if first is not None else time.monotonic()
-                    yield text
-                stats.seconds = time.monotonic() - (first if first is not None else started)
+        try:
+            with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for_error(resp)
+                for chunk in _sse_events(resp.iter_lines()):
+                    text = _observe(chunk, stats)
+                    if text:
+                        first = first if first is not None else time.monotonic()
+                        yield text
+                    stats.seconds = time.monotonic() - (first if first is not None else started)
+        except (KeyboardInterrupt, GeneratorExit):
+            # Ctrl-C can land inside httpx after the response headers arrived and before the
+            # response reaches the `with`: nothing would close that connection, and the server,
+            # still connected, would go on generating. Dropping every connection hangs up.
+            self._http.close()
+            self._http = self._new_http()
+            raise
 
 
 def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

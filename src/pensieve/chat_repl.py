@@ -118,10 +118,14 @@ class Repl:
     def _answer(self, text: str) -> None:
         stats, answer = AnswerStats(), ""
         try:
-            for piece in self.client.stream_chat(self.session.request(text), stats):
-                answer += piece
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            pieces = self.client.stream_chat(self.session.request(text), stats)
+            try:
+                for piece in pieces:
+                    answer += piece
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            finally:
+                pieces.close()  # hang up now when stopped, so the server frees the sequence
         except KeyboardInterrupt:
             self.console.print("\n[yellow]stopped[/yellow] (not kept in the conversation)")
             return

@@ -3,11 +3,11 @@ say what to do, a private server started when none answers, and the interactive 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +15,8 @@ import pexpect
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL, Server, free_port
+from pensieve.chat_client import AnswerStats, ChatClient
+from tests.e2e.conftest import MODEL, Server, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -155,15 +156,48 @@ def test_ctrl_c_stops_an_answer_and_frees_the_sequence(server: Server, tmp_path:
     chat.command("/set max_tokens 4000", "Set max_tokens to 4000.")
     chat.command("/set ignore_eos true", "Set ignore_eos to True.")
     chat.child.sendline("Tell me a very long story.")
+    chat.child.expect_exact("Tell me a very long story.\r\n")  # the echo
     chat.child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
+    assert server.model_status()["num_running"] == 1
     chat.child.sendcontrol("c")
     chat.child.expect_exact("stopped")
     chat.child.expect_exact(">>> ")
-    deadline = time.monotonic() + 20
-    while server.model_status()["num_running"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.model_status()["num_running"] == 0
+    wait_for(lambda: server.model_status()["num_running"] == 0, timeout=5.0)
     chat.child.sendeof()  # Ctrl-D leaves too
     chat.child.expect(pexpect.EOF)
     chat.child.close()
     assert chat.child.exitstatus == 0
+
+
+class _InterruptAfterHeaders(logging.Handler):
+    """Raises KeyboardInterrupt from inside httpx, after a response's headers have arrived and
+    before httpx hands the response back: the moment no `with` has the response yet."""
+
+    fired = False
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not self.fired and record.getMessage().startswith("HTTP Request: POST"):
+            self.fired = True
+            raise KeyboardInterrupt
+        return True
+
+
+def test_ctrl_c_between_headers_and_stream_still_hangs_up(server: Server) -> None:
+    logger = logging.getLogger("httpx")
+    handler, level = _InterruptAfterHeaders(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    client = ChatClient(server.base_url)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 4000, "ignore_eos": True}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(client.stream_chat(body, AnswerStats()))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert handler.fired
+    wait_for(lambda: server.model_status()["num_running"] == 0, timeout=5.0)
+    answer = "".join(client.stream_chat({**body, "max_tokens": 4}, AnswerStats()))
+    assert answer  # the client still works after dropping its connections
+    client.close()

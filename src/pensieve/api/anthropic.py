@@ -22,7 +22,7 @@ from pensieve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from pensieve.api.body import parse_body
 from pensieve.api.chat import Delta, TextGeneration, Usage, count_prompt_tokens, start_text
 from pensieve.api.errors import ApiFamily, error_payload
-from pensieve.api.generation import until_disconnect
+from pensieve.api.generation import ReleasingStreamingResponse, until_disconnect
 from pensieve.engine.types import FinishReason
 from pensieve.errors import PensieveError
 from pensieve.runtime import ModelRuntime
@@ -43,8 +43,8 @@ async def messages(request: Request) -> JSONResponse | StreamingResponse:
     served = _runtime(request).get(body.model)
     gen = await start_text(served, body.to_text_request(), id_prefix="msg_")
     if body.stream:
-        return StreamingResponse(_stream(gen), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
+        return ReleasingStreamingResponse(_stream(gen), gen.aclose,
+                                          media_type="text/event-stream", headers=_SSE_HEADERS)
     completion = await until_disconnect(request, gen.collect())
     content = [{"type": "text", "text": completion.text}] if completion.text else []
     stop_reason, stop_sequence = _stop(completion.finish_reason, completion.stop_string)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from pensieve.engine.client import EngineClient
 from pensieve.engine.types import EngineRequest, RequestAccepted, SeqOutput, TokenLogprob
@@ -44,10 +47,38 @@ async def start_all(client: EngineClient, requests: list[EngineRequest],
         for i, req in enumerate(requests):
             gens.append(await start(client, req, offset=i * n))
     except BaseException:
-        for g in gens:
-            await g.outputs.aclose()  # type: ignore[attr-defined]
+        await close_all(gens)
         raise
     return gens
+
+
+async def close_all(gens: list[Generation]) -> None:
+    """Stop these generations now; the worker aborts those not finished."""
+    for g in gens:
+        await g.outputs.aclose()  # type: ignore[attr-defined]
+
+
+class ReleasingStreamingResponse(StreamingResponse):
+    """A streamed answer that releases its engine requests as the response ends, however it ends.
+
+    Starlette does not close the body iterator when the client goes away while a chunk is being
+    sent, and never starts it when the client went away before the first chunk. Either way the
+    engine requests would only be aborted when garbage collection finalized their generators,
+    which in a long-running server can take minutes of wasted decoding. `release` runs instead.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], Awaitable[None]],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._release()
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[SeqOutput]:
@@ -141,6 +172,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         return task.result()
     finally:
         watcher.cancel()
+        if not task.done():  # this handler itself was cancelled (shutdown): stop the work too
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
 
 
 async def _wait_disconnect(request: Request) -> None:

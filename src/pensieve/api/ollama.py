@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pensieve.api.body import parse_body
 from pensieve.api.chat import ChatMessage, TextGeneration, TextRequest, render_messages, start_text
 from pensieve.api.errors import ApiFamily, error_payload
-from pensieve.api.generation import until_disconnect
+from pensieve.api.generation import ReleasingStreamingResponse, until_disconnect
 from pensieve.api.go_template import render_go_template
 from pensieve.api.ollama_protocol import ChatRequest, GenerateRequest
 from pensieve.engine.types import FinishReason, ModelInfo
@@ -70,7 +70,7 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse:
                            response_format=body.response_format)
     gen = await start_text(served, text_req, id_prefix="ollama-chat-")
     if body.stream:
-        return StreamingResponse(_stream(gen, "chat"), media_type=_NDJSON)
+        return ReleasingStreamingResponse(_stream(gen, "chat"), gen.aclose, media_type=_NDJSON)
     completion = await until_disconnect(request, gen.collect())
     reply = {**_head(served), "message": {"role": "assistant", "content": completion.text},
              **_final_fields(gen, completion.finish_reason)}
@@ -91,7 +91,7 @@ async def generate(request: Request) -> JSONResponse | StreamingResponse:
                            prompt_tokens=tuple(tokens), response_format=body.response_format)
     gen = await start_text(served, text_req, id_prefix="ollama-gen-")
     if body.stream:
-        return StreamingResponse(_stream(gen, "generate"), media_type=_NDJSON)
+        return ReleasingStreamingResponse(_stream(gen, "generate"), gen.aclose, media_type=_NDJSON)
     completion = await until_disconnect(request, gen.collect())
     reply = {**_head(served), "response": completion.text,
              **_final_fields(gen, completion.finish_reason),

@@ -17,7 +17,9 @@ from pensieve.api.generation import (
     SSE_DONE,
     Collected,
     Generation,
+    ReleasingStreamingResponse,
     TokenCounts,
+    close_all,
     collect,
     merged,
     sse,
@@ -91,7 +93,8 @@ async def chat_completions(body: ChatCompletionRequest,
     if body.stream:
         render = _tool_choices(body.n) if body.uses_tools() else _text_choices
         stream = _chat_stream(gens, meta, body.n, body.include_usage(), render)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return ReleasingStreamingResponse(stream, lambda: close_all(gens),
+                                          media_type="text/event-stream", headers=_SSE_HEADERS)
     result = await until_disconnect(request, collect(merged(gens), body.n))
     return JSONResponse(_chat_response(meta, result, gens, body.uses_tools()))
 
@@ -243,7 +246,8 @@ async def completions(body: CompletionRequest,
     num_choices = len(prompts) * body.n
     if body.stream:
         stream = _completion_stream(gens, meta, num_choices, body, echoes)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return ReleasingStreamingResponse(stream, lambda: close_all(gens),
+                                          media_type="text/event-stream", headers=_SSE_HEADERS)
     result = await until_disconnect(request, collect(merged(gens), num_choices))
     choices = []
     for i, text in enumerate(result.texts):
