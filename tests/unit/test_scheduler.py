@@ -77,6 +77,26 @@ def test_long_prompt_is_chunked_and_decoding_streams_keep_flowing() -> None:
     assert long[0].is_decoding
 
 
+def test_while_streams_decode_a_prompt_is_computed_in_smaller_chunks() -> None:
+    s = make_scheduler(4, 10_000, 512, prefill_chunk_while_decoding=100)
+    alone = make_group("alone", 300)
+    s.add(alone)
+    plan = s.schedule()
+    assert [c.count for c in plan] == [300]  # nobody is streaming: the whole step budget
+    run_chunks(plan)
+    assert alone[0].is_decoding
+    long = make_group("long", 250)
+    s.add(long)
+    sizes = []
+    while not long[0].is_decoding:
+        plan = s.schedule()
+        by_id = {c.seq.request_id: c.count for c in plan}
+        assert by_id["alone"] == 1  # the stream gets a token every step
+        sizes.append(by_id.get("long", 0))
+        run_chunks(plan)
+    assert sizes == [100, 100, 50]
+
+
 def test_admission_waits_for_a_free_seq_id() -> None:
     s = make_scheduler(2, 10_000, 512)
     for rid in "abc":

@@ -43,6 +43,7 @@ class EngineConfig:
     prefix_cache: bool = True
     memory: MemoryConfig | None = None  # RAM and disk tiers; None: live context only
     reuse_generated: bool = True  # also reuse KV of generated tokens (off: prompt KV only)
+    prefill_chunk_while_decoding: int | None = None  # None: the whole step budget
 
 
 class Engine:
@@ -64,6 +65,7 @@ class Engine:
             cache=self.cache, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
             max_prefills=None if batch_invariant else 1,
             reuse_generated=config.reuse_generated,
+            prefill_chunk_while_decoding=config.prefill_chunk_while_decoding,
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0

@@ -40,12 +40,17 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, *, cache: LiveCache, n_ctx: int, token_budget: int,
-                 max_prefills: int | None = None, reuse_generated: bool = False) -> None:
+                 max_prefills: int | None = None, reuse_generated: bool = False,
+                 prefill_chunk_while_decoding: int | None = None) -> None:
         self.cache = cache
         self.reuse_generated = reuse_generated
         self.n_ctx = n_ctx
         self.token_budget = token_budget
         self.max_prefills = max_prefills
+        # On a CPU a step costs about the same per token, prompt or generated: capping the
+        # prompt tokens of steps that also decode bounds how long running streams stall when
+        # a long prompt arrives, at almost no cost in throughput.
+        self.prefill_chunk_while_decoding = prefill_chunk_while_decoding
         self.waiting: deque[list[Sequence]] = deque()  # one group (the n choices) per request
         self.running: list[Sequence] = []
 
@@ -71,6 +76,8 @@ class Scheduler:
             if seq.is_decoding:
                 plan.append(ScheduledChunk(seq, seq.num_computed, 1))
                 budget -= 1
+        if plan and self.prefill_chunk_while_decoding is not None:
+            budget = min(budget, self.prefill_chunk_while_decoding)
         for seq in self.running:
             if budget <= 0 or prefills <= 0:
                 break
