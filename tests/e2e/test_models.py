@@ -4,6 +4,7 @@ serving, keep_alive and the memory budget unloading what they should."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -240,3 +241,85 @@ def test_keep_alive_works_through_the_ollama_api(
     with pytest.raises(ollama.ResponseError) as err:
         oc.generate(model="copy-a", prompt="Hi", keep_alive="soon")
     assert err.value.status_code == 400 and "keep_alive" in err.value.error
+
+
+def test_create_a_model_from_another_with_the_ollama_client(ollama_client: ollama.Client,
+                                                             store_server: Server) -> None:
+    progress = list(ollama_client.create(
+        model="pirate", from_="copy-a", system="Answer like a pirate.",
+        parameters={"num_predict": 2, "temperature": 0, "stop": ["\n\n"]}, stream=True))
+    assert progress[-1].status == "success"
+    assert "pirate:latest" in {m.model for m in ollama_client.list().models}
+    shown = httpx.post(f"{store_server.base_url}/api/show", json={"model": "pirate"},
+                       timeout=30).json()
+    assert shown["system"] == "Answer like a pirate."
+    assert "num_predict" in shown["parameters"] and "stop" in shown["parameters"]
+    client = OpenAI(base_url=f"{store_server.base_url}/v1", api_key="x", max_retries=0,
+                    timeout=120)
+    reply = client.chat.completions.create(model="pirate", messages=HI)
+    assert reply.usage.completion_tokens == 2  # num_predict from the new model
+    plain = client.chat.completions.create(model="copy-a", messages=HI, max_tokens=1)
+    assert reply.usage.prompt_tokens != plain.usage.prompt_tokens  # its system prompt is used
+    ollama_client.delete("pirate")
+    assert "copy-a:latest" in {m.model for m in ollama_client.list().models}  # base untouched
+
+
+def test_create_a_model_from_an_uploaded_gguf(ollama_client: ollama.Client, store_server: Server,
+                                              default_model: Path, tmp_path: Path) -> None:
+    variant = tmp_path / "variant.gguf"  # the default model with one weight byte changed:
+    data = bytearray(default_model.read_bytes())  # a valid GGUF the store does not hold yet
+    data[-1] ^= 1
+    variant.write_bytes(bytes(data))
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_url = f"{store_server.base_url}/api/blobs/{digest}"
+    assert httpx.head(blob_url, timeout=10).status_code == 404
+    assert ollama_client.create_blob(variant) == digest
+    assert httpx.head(blob_url, timeout=10).status_code == 200
+    result = ollama_client.create(model="uploaded", files={"variant.gguf": digest},
+                                  parameters={"temperature": 0})
+    assert result.status == "success"
+    assert ollama_client.show("uploaded").details.quantization_level == "Q4_1"
+    assert chat(store_server, "uploaded")
+    ollama_client.delete("uploaded")
+
+
+@pytest.mark.parametrize(("path", "body", "status", "says"), [
+    ("/api/create", {"model": "x"}, 400, "either `from`"),
+    ("/api/create", {"model": "x", "from": "copy-a", "files": {"a.gguf": "sha256:" + "0" * 64}},
+     400, "either `from`"),
+    ("/api/create", {"model": "x", "from": "no-such-model"}, 404, "no-such-model"),
+    ("/api/create", {"model": "x", "files": {"a.gguf": "sha256:" + "0" * 64}}, 400,
+     "/api/blobs/sha256:"),
+    ("/api/create", {"model": "x", "files": {"a.gguf": "md5:abc"}}, 400, "digest"),
+    ("/api/create", {"model": "x", "from": "copy-a", "template": "{{ .System }} {{ .Prompt }}"},
+     400, "not Ollama's Go templates"),
+    ("/api/create", {"model": "x", "from": "copy-a", "parameters": {"mirostat_tau": 5}}, 400,
+     "mirostat_tau"),
+    ("/api/create", {"model": "x", "from": "copy-a", "parameters": {"temperature": "hot"}}, 400,
+     "temperature"),
+    ("/api/create", {"model": "x", "from": "copy-a", "quantize": "q4_K_M"}, 400, "quantize"),
+    ("/api/create", {"model": "../x", "from": "copy-a"}, 400, ""),
+    ("/api/blobs/sha256:" + "0" * 64, b"GGUF not really", 400, "sha256 mismatch"),
+    ("/api/blobs/sha256:" + hashlib.sha256(b"not a model").hexdigest(), b"not a model", 400,
+     ""),
+    ("/api/blobs/not-a-digest", b"x", 400, "digest"),
+], ids=["neither", "both", "unknown-base", "missing-blob", "bad-digest", "go-template",
+        "unknown-parameter", "parameter-type", "quantize", "bad-name", "digest-mismatch",
+        "not-a-gguf", "bad-blob-digest"])
+def test_create_and_upload_refuse_clearly(store_server: Server, path: str, body: object,
+                                          status: int, says: str) -> None:
+    url = f"{store_server.base_url}{path}"
+    if isinstance(body, bytes):
+        r = httpx.post(url, content=body, timeout=30)
+    else:
+        r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert isinstance(error, str) and says in error
+    assert "x:latest" not in {m["name"] for m in httpx.get(
+        f"{store_server.base_url}/api/tags", timeout=10).json()["models"]}
+    assert not list((store_server_data(store_server) / "partial").glob("upload-*"))
+
+
+def store_server_data(server: Server) -> Path:
+    return server.log_path.parent / "data" / "models"

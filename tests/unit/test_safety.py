@@ -66,7 +66,8 @@ def test_every_route_requires_the_key(method: str, path: str) -> None:
     for resp in (without, wrong):
         assert resp.status_code == 401
         assert resp.headers["www-authenticate"] == "Bearer"
-        assert_family_error(path, resp.json(), 401)
+        if method != "HEAD":  # a HEAD answer has no body
+            assert_family_error(path, resp.json(), 401)
     assert right.status_code != 401
 
 

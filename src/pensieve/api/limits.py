@@ -23,6 +23,8 @@ from pensieve.api.errors import error_response
 
 log = logging.getLogger("pensieve.limits")
 
+STREAMED_BODY_PREFIX = "/api/blobs/"  # Ollama's blob uploads: no size cap, streamed to disk
+
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
@@ -55,6 +57,11 @@ class BodyLimitMiddleware:
             await _refuse(scope, receive, send, exc)
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith(STREAMED_BODY_PREFIX):
+            # A model upload: gigabytes, written to disk as it arrives by the route itself
+            # (which checks its digest and format); buffering it here would hold it in RAM.
             await self.app(scope, receive, send)
             return
         try:

@@ -1,29 +1,38 @@
 """Ollama's model-management routes over the store and the runtime: /api/tags, /api/show,
-/api/pull (NDJSON progress), /api/delete, /api/copy, /api/ps. Errors come out in Ollama's
+/api/pull (NDJSON progress), /api/delete, /api/copy, /api/ps, /api/create and
+/api/blobs. Errors come out in Ollama's
 shape (`{"error": "..."}`) through api/errors.py."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from pensieve.errors import InvalidRequest, NotFound, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel, resident_bytes
 from pensieve.store import describe
 from pensieve.store.gguf import GgufInfo, read_gguf
+from pensieve.store.names import parse_digest, parse_name
 from pensieve.store.pull import PullProgress, pull
-from pensieve.store.store import Manifest, ModelStore
+from pensieve.store.store import Manifest, ModelDefaults, ModelStore
+from pensieve.templates import ChatTemplate
 
 router = APIRouter()
+log = logging.getLogger("pensieve.models")
 _BodyT = TypeVar("_BodyT", bound=BaseModel)
 
 
@@ -48,6 +57,19 @@ class PullBody(ModelBody):
     insecure: bool = False
     sha256: str | None = Field(None, max_length=80)  # extension: pin a URL's digest
     as_name: str | None = Field(None, max_length=300)  # extension: store under this name
+
+
+class CreateBody(ModelBody):
+    from_: str | None = Field(None, alias="from", max_length=1000)
+    files: dict[str, str] | None = Field(None, max_length=16)
+    template: str | None = Field(None, max_length=1 << 16)
+    system: str | None = Field(None, max_length=1 << 16)
+    parameters: dict[str, Any] | None = Field(None, max_length=64)
+    license: str | list[str] | None = None  # kept by Ollama; the GGUF's own license shows here
+    adapters: dict[str, str] | None = None
+    messages: list[Any] | None = None
+    quantize: str | None = None
+    stream: bool = True
 
 
 class CopyBody(_Body):
@@ -194,6 +216,116 @@ async def copy(request: Request) -> Response:
     body = await _parse(request, CopyBody)
     await asyncio.to_thread(_store(request).copy, body.source, body.destination)
     return Response(status_code=200)
+
+
+# --- create and blobs ------------------------------------------------------------------------
+_UPLOAD_IDLE_S = 60.0  # an upload that sends nothing for this long is dropped
+
+
+@router.head("/api/blobs/{digest}")
+async def blob_exists(digest: str, request: Request) -> Response:
+    path = _store(request).blob_path(parse_digest(digest))
+    return Response(status_code=200 if await asyncio.to_thread(path.is_file) else 404)
+
+
+@router.post("/api/blobs/{digest}")
+async def upload_blob(digest: str, request: Request) -> Response:
+    """Receive a GGUF file for a later /api/create: written to disk as it arrives, then
+    checked (sha256, GGUF structure) before it becomes a blob."""
+    expected = parse_digest(digest)
+    store = _store(request)
+    if await asyncio.to_thread(store.blob_path(expected).is_file):
+        return Response(status_code=200)
+    store.partial.mkdir(parents=True, exist_ok=True)
+    tmp = store.partial / f"upload-{os.getpid()}-{time.monotonic_ns()}"
+    hasher = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            chunks = request.stream().__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout(_UPLOAD_IDLE_S):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise InvalidRequest(f"The upload sent nothing for {_UPLOAD_IDLE_S:g} s.",
+                                         code="request_timeout") from None
+                except ClientDisconnect:
+                    log.info("an upload of sha256:%s stopped: the client went away", expected)
+                    return Response(status_code=400)
+                hasher.update(chunk)
+                await asyncio.to_thread(f.write, chunk)
+        await asyncio.to_thread(store.commit_blob, tmp, hasher.hexdigest(), expected)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Response(status_code=201)
+
+
+@router.post("/api/create", response_model=None)
+async def create(request: Request) -> JSONResponse | StreamingResponse:
+    """Ollama's create: a new model from an existing one (`from`) or from an uploaded GGUF blob
+    (`files`), with its own system prompt, template and parameters."""
+    body = await _parse(request, CreateBody)
+    store, runtime = _store(request), _runtime(request)
+    name = parse_name(body.target())
+    for field_ in ("adapters", "messages", "quantize"):
+        if getattr(body, field_):
+            raise InvalidRequest(f"`{field_}` is not supported by /api/create on this server.",
+                                 param=field_)
+    if (body.from_ is None) == (body.files is None):
+        raise InvalidRequest("Give either `from` (an existing model) or `files` (one uploaded "
+                             "GGUF blob).", param="from")
+    overrides: dict[str, object] = dict(body.parameters or {})
+    if body.system is not None:
+        overrides["system"] = body.system
+    if body.template is not None:
+        _check_template(body.template)
+        overrides["template"] = body.template
+    statuses: list[str] = []
+    if body.from_ is not None:
+        base = runtime.get(body.from_)
+        manifest = await asyncio.to_thread(store.find, base.name)
+        if manifest is None:  # served from a path given at startup: take the file in
+            manifest = await asyncio.to_thread(
+                store.import_file, Path(base.client.config.model_path), str(name), link=True)
+        digest, size, source = manifest.digest, manifest.size, f"from:{base.name}"
+        defaults = {**base.defaults.to_dict(), **overrides}
+        statuses.append(f"using existing layer sha256:{digest}")
+    else:
+        digest, size = await asyncio.to_thread(_uploaded_model, store, body.files or {})
+        source, defaults = "upload", overrides
+        statuses.append(f"using uploaded layer sha256:{digest}")
+    created = Manifest(name, digest, size, source, time.time(), ModelDefaults.from_dict(defaults))
+    statuses.append("writing manifest")
+    await asyncio.to_thread(store.write_manifest, created)
+    if not body.stream:
+        return JSONResponse({"status": "success"})
+    lines = [json.dumps({"status": s}) + "\n" for s in [*statuses, "success"]]
+    return StreamingResponse(iter(lines), media_type="application/x-ndjson")
+
+
+def _uploaded_model(store: ModelStore, files: dict[str, str]) -> tuple[str, int]:
+    if len(files) != 1:
+        raise InvalidRequest("`files` must name exactly one GGUF model file (adapters and "
+                             "projectors are not supported).", param="files")
+    (filename, value), = files.items()
+    digest = parse_digest(value)
+    path = store.blob_path(digest)
+    if not path.is_file():
+        raise InvalidRequest(f"The blob for {filename!r} (sha256:{digest[:12]}...) has not been "
+                             f"uploaded: POST it to /api/blobs/sha256:{digest} first.",
+                             param="files")
+    return digest, path.stat().st_size
+
+
+def _check_template(template: str) -> None:
+    try:
+        ChatTemplate(template, "<s>", "</s>").render([{"role": "user", "content": "Hi."}])
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{exc.message} Pensieve's templates are Jinja chat templates, as "
+                             "in GGUF files, not Ollama's Go templates.",
+                             param="template", code="invalid_template") from None
 
 
 @router.get("/api/ps")
