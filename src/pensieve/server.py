@@ -83,6 +83,7 @@ def serve(settings: Settings) -> int:
         return 2
     level = logging.getLevelName(settings.log_level.upper())
     store = ModelStore(store_dir(settings))
+    store.prune()  # as Ollama does at startup: unused blobs and crashed uploads
     runtime = build_runtime(settings, store, level)
     digest = file_digest(path, settings.data_dir / "digests.json")
     if settings.model is None:

@@ -128,3 +128,42 @@ def test_model_defaults_fill_only_unset_request_fields() -> None:
     assert with_system_prompt(user, defaults)[0] == {"role": "system", "content": "Be brief."}
     own = [{"role": "system", "content": "x"}, *user]
     assert with_system_prompt(own, defaults) == own
+
+
+def _age(path: Path, seconds: float) -> None:
+    old = path.stat().st_mtime - seconds
+    os.utime(path, (old, old))
+
+
+def test_prune_removes_only_old_unnamed_files(default_model: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    kept = store.import_file(default_model, "kept")  # a copy: its age is changed below
+    orphan = store.blob_path("ab" * 32)
+    orphan.write_bytes(b"an upload no create ever named")
+    fresh_orphan = store.blob_path("cd" * 32)
+    fresh_orphan.write_bytes(b"an upload whose create may be on its way")
+    crashed = store.partial / "upload-1-2"
+    crashed.write_bytes(b"half an upload")
+    resumable = store.partial / "pull-0123"
+    resumable.write_bytes(b"half a download, resumed by the next pull")
+    for path in (store.blob_path(kept.digest), orphan, crashed, resumable):
+        _age(path, 7200)
+    removed = store.prune(min_age_s=3600)
+    assert sorted(removed) == sorted([orphan, crashed])
+    assert store.blob_path(kept.digest).is_file() and fresh_orphan.is_file()
+    assert resumable.is_file()
+    assert [str(m.name) for m in store.list()] == ["kept:latest"]
+
+
+def test_prune_keeps_everything_while_a_manifest_is_unreadable(default_model: Path,
+                                                               tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    kept = store.import_file(default_model, "kept", link=True)
+    orphan = store.blob_path("ab" * 32)
+    orphan.write_bytes(b"maybe the blob of the broken manifest")
+    _age(orphan, 7200)
+    broken = store.manifests / "broken" / "latest.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{not json")
+    assert store.prune(min_age_s=3600) == []
+    assert orphan.is_file() and store.blob_path(kept.digest).is_file()

@@ -171,6 +171,37 @@ class ModelStore:
                 log.warning("ignoring the unreadable manifest %s: %s", path, exc)
         return found
 
+    def prune(self, *, min_age_s: float = 3600.0) -> list[Path]:
+        """Remove what nothing names any more: blobs no manifest refers to (an upload never
+        used by a create, a model whose last name was removed by hand) and uploads or imports
+        left in partial/ by a crash. Pulls' partial files stay, so a pull can resume. Only
+        files untouched for `min_age_s` go, so an operation in flight in another process keeps
+        its file; and nothing goes while a manifest cannot be read, since its blob may be one
+        of them. Returns what was removed."""
+        manifests = sorted(self.manifests.rglob("*.json")) if self.manifests.is_dir() else []
+        names = self.list()
+        if len(names) != len(manifests):
+            log.warning("not pruning the store: %d manifest(s) could not be read",
+                        len(manifests) - len(names))
+            return []
+        keep = {self.blob_path(m.digest) for m in names}
+        cutoff = time.time() - min_age_s
+        candidates = [p for p in (self.blobs.iterdir() if self.blobs.is_dir() else [])
+                      if p not in keep]
+        candidates += [p for p in (self.partial.iterdir() if self.partial.is_dir() else [])
+                       if p.name.startswith(("upload-", "import-"))]
+        removed = []
+        for path in candidates:
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
+        if removed:
+            log.info("pruned %d unused file(s) from the model store", len(removed))
+        return removed
+
     # --- writing ---------------------------------------------------------------------------
     def add_file(self, source: Path, *, expected_digest: str | None = None,
                  link: bool = False, progress: ProgressFn | None = None) -> tuple[str, int]:
