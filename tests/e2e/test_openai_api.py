@@ -151,6 +151,17 @@ def test_logprobs_of_chosen_token_match_top_1_at_temperature_0(client: OpenAI) -
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)
 
 
+@pytest.mark.parametrize("text", ["Hello, wörld! 🎉 Grüße", "<|im_start|>user\nHi<|im_end|>"])
+def test_detokenize_gives_back_what_tokenize_took(server: Server, text: str) -> None:
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"content": text},
+                        timeout=30).json()["tokens"]
+    assert len(tokens) > 3
+    r = httpx.post(f"{server.base_url}/detokenize", json={"tokens": tokens}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"content": text}
+    empty = httpx.post(f"{server.base_url}/detokenize", json={"tokens": []}, timeout=30)
+    assert empty.json() == {"content": ""}
+
+
 def test_logit_bias_bans_a_token(client: OpenAI, server: Server) -> None:
     first = chat(client, max_tokens=1, logprobs=True).choices[0].logprobs.content[0]
     r = httpx.post(f"{server.base_url}/tokenize", json={"content": first.token}, timeout=30)

@@ -321,8 +321,21 @@ class TokenizeBody(BaseModel):
     add_special: bool = False
 
 
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+    tokens: list[int] = Field(max_length=1 << 20)
+    model: str | None = None
+
+
 @router.post("/tokenize")
 async def tokenize(body: TokenizeBody, request: Request) -> dict[str, Any]:
     runtime = _runtime(request)
     served = runtime.get(body.model) if body.model else runtime.models()[0]
     return {"tokens": await served.client.tokenize(body.content, body.add_special)}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeBody, request: Request) -> dict[str, Any]:
+    runtime = _runtime(request)
+    served = runtime.get(body.model) if body.model else runtime.models()[0]
+    return {"content": await served.client.detokenize(body.tokens)}

@@ -24,6 +24,8 @@ from typing import Protocol
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.types import (
     AbortRequest,
+    DetokenizeRequest,
+    DetokenizeResult,
     EmbedRequest,
     EmbedResult,
     EngineRequest,
@@ -346,6 +348,11 @@ class EngineClient:
         assert isinstance(result, TokenizeResult)
         return list(result.tokens)
 
+    async def detokenize(self, tokens: list[int]) -> str:
+        result = await self._call(DetokenizeRequest(self.new_request_id("detok"), tuple(tokens)))
+        assert isinstance(result, DetokenizeResult)
+        return result.text
+
     async def memory(self, *, delete: bool = False, key: str | None = None) -> MemoryResult:
         result = await self._call(MemoryRequest(self.new_request_id("mem"), delete, key))
         assert isinstance(result, MemoryResult)
@@ -361,7 +368,8 @@ class EngineClient:
         assert isinstance(result, EmbedResult)
         return result
 
-    async def _call(self, msg: TokenizeRequest | MemoryRequest | EmbedRequest) -> object:
+    async def _call(self, msg: TokenizeRequest | DetokenizeRequest | MemoryRequest | EmbedRequest
+                    ) -> object:
         """One request, one answer (no streaming)."""
         await self.ensure_started()
         stream: asyncio.Queue[object] = asyncio.Queue()

@@ -19,6 +19,7 @@ from pensieve.engine.llama import Batch, Context, ContextConfig, GrammarError, M
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.sequence import Sequence
 from pensieve.engine.types import (
+    DetokenizeResult,
     EmbedRequest,
     EmbedResult,
     EngineRequest,
@@ -153,6 +154,17 @@ class Engine:
         if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
             tokens = tokens[1:]  # the chat template already wrote BOS
         return tokens
+
+    def detokenize(self, request_id: str,
+                   tokens: tuple[int, ...]) -> DetokenizeResult | RequestRejected:
+        """The text of these token ids, special tokens included (as llama-server's)."""
+        n_vocab = self.model.n_vocab
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
+        if bad:
+            return RequestRejected(request_id, f"Token id {bad[0]} is outside the vocabulary "
+                                   f"(0..{n_vocab - 1}).", param="tokens", code="invalid_token")
+        data = b"".join(self.model.token_bytes(t) for t in tokens)
+        return DetokenizeResult(request_id, data.decode("utf-8", errors="replace"))
 
     def add_request(self, req: EngineRequest) -> RequestAccepted | RequestRejected:
         if req.request_id in self._requests:

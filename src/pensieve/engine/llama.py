@@ -147,11 +147,18 @@ class Model:
 
     def token_text(self, token: int) -> str:
         """A token's text including special tokens (for templates: BOS, EOS)."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes, special tokens rendered as their text (`<|im_start|>`)."""
         if token < 0:
-            return ""
+            return b""
         buf = self._piece_buf
         n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
 
     def is_eog(self, token: int) -> bool:
         return token in self.eog_ids

@@ -126,6 +126,18 @@ class TokenizeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DetokenizeRequest:
+    request_id: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DetokenizeResult:
+    request_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class EmbedRequest:
     """Embed each input (text, or token ids) into one normalized vector."""
 
@@ -166,8 +178,8 @@ class Shutdown:
 class StepOutput:
     """Everything one engine step produced, sent as one message to keep IPC cheap."""
 
-    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult | MemoryResult
-                  | EmbedResult]
+    outputs: list[SeqOutput | RequestAccepted | RequestRejected | TokenizeResult
+                  | DetokenizeResult | MemoryResult | EmbedResult]
     num_running: int = 0
     num_waiting: int = 0
     num_batch_tokens: int = 0

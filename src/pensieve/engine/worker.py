@@ -16,6 +16,7 @@ from pensieve.engine.engine import Engine, EngineConfig
 from pensieve.engine.llama import init_backend
 from pensieve.engine.types import (
     AbortRequest,
+    DetokenizeRequest,
     EmbedRequest,
     EngineRequest,
     MemoryRequest,
@@ -92,6 +93,8 @@ def _handle(engine: Engine, msg: object) -> object | None:
     if isinstance(msg, AbortRequest):
         engine.abort(msg.request_id)
         return None
+    if isinstance(msg, DetokenizeRequest):
+        return engine.detokenize(msg.request_id, msg.tokens)
     if isinstance(msg, TokenizeRequest):
         return TokenizeResult(msg.request_id, tuple(engine.tokenize(msg.text, msg.add_special)))
     if isinstance(msg, MemoryRequest):
