@@ -114,6 +114,10 @@ class ModelRuntime:
         """Models known so far (aliases first, then store models once used)."""
         return list(self._models.values())
 
+    def get_or_first(self, name: str | None) -> ServedModel:
+        """The named model, or the first served one for routes where the model is optional."""
+        return self.get(name) if name else self.models()[0]
+
     def listing(self) -> list[tuple[str, ServedModel | None, Manifest | None]]:
         """Everything a client may ask for: served names, then the store's models."""
         rows: list[tuple[str, ServedModel | None, Manifest | None]] = [

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/admin/memory", tags=["admin"])
 
 def _served(request: Request, model: str | None) -> ServedModel:
     runtime: ModelRuntime = request.app.state.runtime
-    return runtime.get(model) if model else runtime.models()[0]
+    return runtime.get_or_first(model)
 
 
 @router.get("")

@@ -286,10 +286,12 @@ async def create(request: Request) -> JSONResponse | StreamingResponse:
     if body.from_ is not None:
         base = runtime.get(body.from_)
         manifest = await asyncio.to_thread(store.find, base.name)
-        if manifest is None:  # served from a path given at startup: take the file in
-            manifest = await asyncio.to_thread(
-                store.import_file, Path(base.client.config.model_path), str(name), link=True)
-        digest, size, source = manifest.digest, manifest.size, f"from:{base.name}"
+        if manifest is not None:
+            digest, size = manifest.digest, manifest.size
+        else:  # served from a path given at startup: take the file in
+            digest, size = await asyncio.to_thread(
+                store.add_file, Path(base.client.config.model_path), link=True)
+        source = f"from:{base.name}"
         defaults = {**base.defaults.to_dict(), **overrides}
         statuses.append(f"using existing layer sha256:{digest}")
     else:

@@ -329,13 +329,11 @@ class DetokenizeBody(BaseModel):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeBody, request: Request) -> dict[str, Any]:
-    runtime = _runtime(request)
-    served = runtime.get(body.model) if body.model else runtime.models()[0]
+    served = _runtime(request).get_or_first(body.model)
     return {"tokens": await served.client.tokenize(body.content, body.add_special)}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeBody, request: Request) -> dict[str, Any]:
-    runtime = _runtime(request)
-    served = runtime.get(body.model) if body.model else runtime.models()[0]
+    served = _runtime(request).get_or_first(body.model)
     return {"content": await served.client.detokenize(body.tokens)}

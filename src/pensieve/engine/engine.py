@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,11 +159,9 @@ class Engine:
     def detokenize(self, request_id: str,
                    tokens: tuple[int, ...]) -> DetokenizeResult | RequestRejected:
         """The text of these token ids, special tokens included (as llama-server's)."""
-        n_vocab = self.model.n_vocab
-        bad = [t for t in tokens if not 0 <= t < n_vocab]
-        if bad:
-            return RequestRejected(request_id, f"Token id {bad[0]} is outside the vocabulary "
-                                   f"(0..{n_vocab - 1}).", param="tokens", code="invalid_token")
+        problem = self._outside_vocab(tokens, "Token id")
+        if problem is not None:
+            return RequestRejected(request_id, problem, param="tokens", code="invalid_token")
         data = b"".join(self.model.token_bytes(t) for t in tokens)
         return DetokenizeResult(request_id, data.decode("utf-8", errors="replace"))
 
@@ -202,18 +201,21 @@ class Engine:
                 "messages",
                 "context_length_exceeded",
             )
-        bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
-        if bad:
-            return (f"Token id {bad[0]} is outside the vocabulary (0..{self.model.n_vocab - 1}).",
-                    "prompt", "invalid_token")
-        return None
+        problem = self._outside_vocab(tokens, "Token id")
+        return None if problem is None else (problem, "prompt", "invalid_token")
+
+    def _outside_vocab(self, tokens: Iterable[int], what: str) -> str | None:
+        """Why these token ids cannot be used, or None when all are in the vocabulary."""
+        n_vocab = self.model.n_vocab
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is None:
+            return None
+        return f"{what} {bad} is outside the vocabulary (0..{n_vocab - 1})."
 
     def _validate_params(self, req: EngineRequest) -> tuple[str, str, str] | None:
-        n_vocab = self.model.n_vocab
-        bad = [t for t, _ in req.params.logit_bias if not 0 <= t < n_vocab]
-        if bad:
-            return (f"logit_bias names token {bad[0]}, outside the vocabulary "
-                    f"(0..{n_vocab - 1}).", "logit_bias", "invalid_token")
+        problem = self._outside_vocab((t for t, _ in req.params.logit_bias), "logit_bias token")
+        if problem is not None:
+            return (problem, "logit_bias", "invalid_token")
         if req.params.grammar is not None and req.params.ignore_eos:
             return ("ignore_eos cannot be combined with a grammar, a JSON response_format or "
                     "tools: the grammar decides where the output ends.", "ignore_eos",

@@ -163,13 +163,18 @@ class ModelStore:
         return manifest
 
     def list(self) -> list[Manifest]:
-        found = []
+        return self._read_manifests()[0]
+
+    def _read_manifests(self) -> tuple[list[Manifest], int]:
+        """The readable manifests, and how many could not be read (skipped with a warning)."""
+        found, num_unreadable = [], 0
         for path in sorted(self.manifests.rglob("*.json")) if self.manifests.is_dir() else []:
             try:
                 found.append(Manifest.from_json(path.read_text()))
             except (OSError, ValueError, KeyError, TypeError, InvalidRequest) as exc:
                 log.warning("ignoring the unreadable manifest %s: %s", path, exc)
-        return found
+                num_unreadable += 1
+        return found, num_unreadable
 
     def prune(self, *, min_age_s: float = 3600.0) -> list[Path]:
         """Remove what nothing names any more: blobs no manifest refers to (an upload never
@@ -178,13 +183,11 @@ class ModelStore:
         files untouched for `min_age_s` go, so an operation in flight in another process keeps
         its file; and nothing goes while a manifest cannot be read, since its blob may be one
         of them. Returns what was removed."""
-        manifests = sorted(self.manifests.rglob("*.json")) if self.manifests.is_dir() else []
-        names = self.list()
-        if len(names) != len(manifests):
-            log.warning("not pruning the store: %d manifest(s) could not be read",
-                        len(manifests) - len(names))
+        manifests, num_unreadable = self._read_manifests()
+        if num_unreadable:
+            log.warning("not pruning the store: %d manifest(s) could not be read", num_unreadable)
             return []
-        keep = {self.blob_path(m.digest) for m in names}
+        keep = {self.blob_path(m.digest) for m in manifests}
         cutoff = time.time() - min_age_s
         candidates = [p for p in (self.blobs.iterdir() if self.blobs.is_dir() else [])
                       if p not in keep]
