@@ -25,12 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 from servers import REPO_DIR, ServerProcess, free_port  # noqa: E402
 
 from pensieve.config import default_data_dir  # noqa: E402
 from pensieve.store.default_model import DEFAULT_MODEL_NAME  # noqa: E402
-from pensieve.store.gemma_model import ensure_gemma  # noqa: E402
 from pensieve.store.store import ModelStore  # noqa: E402
+from tests.support.gemma_model import ensure_gemma  # noqa: E402
 
 GEMMA = "gemma3:270m"
 PROMPT = "The capital of France is"

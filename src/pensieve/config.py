@@ -17,8 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pensieve.api.access import AccessConfig, load_key_file
-from pensieve.api.limits import LimitsConfig
+from pensieve.api.middleware.access import AccessConfig, load_key_file
+from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.engine.client import ClientLimits
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig

@@ -2,131 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from openai import OpenAI
 
 from pensieve.config import default_data_dir
-from pensieve.store.default_model import DEFAULT_MODEL_NAME, ensure_default_model
-
-MODEL = DEFAULT_MODEL_NAME
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    base_url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.base_url}/health", timeout=5).json()
-
-    def model_status(self) -> dict:
-        return self.health()["models"][MODEL]
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
-def start_server(tmp_dir: Path, *extra: str, data_dir: Path | None = None) -> Server:
-    """Serve the default model with its own data dir (memory tiers included) under tmp_dir."""
-    port = free_port()
-    log_path = tmp_dir / f"server-{port}.log"
-    model = ensure_default_model(default_data_dir())
-    cmd = [sys.executable, "-m", "pensieve.cli", "serve", "--port", str(port),
-           "--model", str(model), "--model-alias", MODEL,
-           "--data-dir", str(data_dir or tmp_dir / "data"), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-        try:
-            if server.health()["status"] == "ok":
-                return server
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    stop_server(server)
-    raise RuntimeError(f"server did not become ready:\n{server.log_tail()}")
-
-
-def stop_server(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(10)
-
-
-# Tolerances for comparing two greedy runs of the same request that llama.cpp computed along
-# different paths (alone or batched, KV restored or recomputed); see docs/architecture.md,
-# "Determinism". Measured on the default model: chosen-token logprobs within 0.23 nats over 32
-# tokens, and the runs diverge only where the top two tokens were within 0.14 nats.
-LOGPROB_TOLERANCE = 0.5  # nats, for the same token at the same position
-NEAR_TIE = 0.5  # nats: a diverging token must have been this close to the other run's choice
-
-
-def wait_for(predicate, timeout: float) -> float:  # noqa: ANN001
-    """Poll until `predicate()` holds; returns the seconds it took, fails after `timeout`."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def kill_worker_mid_stream(server: Server, path: str, body: dict) -> list[str]:
-    """Stream `body` to `path`, SIGKILL the model's worker after 4 lines, and return the
-    non-empty lines the stream still delivered (its end, with the error)."""
-    pid = server.model_status()["pid"]
-    lines: list[str] = []
-    with httpx.Client(timeout=60) as http, \
-            http.stream("POST", f"{server.base_url}{path}", json=body) as r:
-        it = r.iter_lines()
-        for _ in range(4):
-            lines.append(next(it))
-        os.kill(pid, signal.SIGKILL)
-        lines.extend(it)
-    return [line for line in lines if line]
-
-
-def assert_same_greedy_run(a: list, b: list) -> None:
-    """Two runs' logprobs.content (top_logprobs on) agree up to a near-tie divergence."""
-    assert a and b
-    for ea, eb in zip(a, b, strict=False):
-        ta, tb = _get(ea, "token"), _get(eb, "token")
-        if ta != tb:
-            alts = {_get(t, "token"): _get(t, "logprob") for t in _get(ea, "top_logprobs")}
-            assert tb in alts, (ta, tb)
-            assert _get(ea, "logprob") - alts[tb] <= NEAR_TIE, (ta, tb)
-            return
-        assert abs(_get(ea, "logprob") - _get(eb, "logprob")) <= LOGPROB_TOLERANCE
-
-
-def _get(entry: object, name: str):  # noqa: ANN202 - openai objects or plain dicts
-    return entry[name] if isinstance(entry, dict) else getattr(entry, name)
+from pensieve.store.default_model import ensure_default_model
+from tests.support.server import Server, start_server, stop_server
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, Server
+from tests.support.server import MODEL, Server
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, Server, kill_worker_mid_stream, wait_for
+from tests.support.server import MODEL, Server, kill_worker_mid_stream, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from pensieve.api.errors import ApiFamily, family_for_path
-from tests.e2e.conftest import MODEL, Server
+from tests.support.server import MODEL, Server
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 
 from pensieve.chat_client import AnswerStats, ChatClient
-from tests.e2e.conftest import MODEL, Server, free_port, wait_for
+from tests.support.server import MODEL, Server, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 

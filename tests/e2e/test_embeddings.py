@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL, Server
+from tests.support.server import MODEL, Server
 
 pytestmark = pytest.mark.e2e
 

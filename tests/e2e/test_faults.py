@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL, Server, kill_worker_mid_stream, wait_for
+from tests.support.server import MODEL, Server, kill_worker_mid_stream, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +73,7 @@ def test_non_streaming_request_on_a_dying_worker_gets_a_503(server: Server) -> N
 
 
 def test_sigterm_stops_the_server_cleanly_with_exit_0(tmp_path) -> None:
-    from tests.e2e.conftest import start_server
+    from tests.support.server import start_server
 
     srv = start_server(tmp_path)
     worker = srv.model_status()["pid"]

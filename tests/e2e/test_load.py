@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, Server, start_server, stop_server
+from tests.support.server import MODEL, Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, Server, assert_same_greedy_run, start_server, stop_server
+from tests.support.server import MODEL, Server, assert_same_greedy_run, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.e2e.conftest import MODEL, Server
+from tests.support.server import MODEL, Server
 
 pytestmark = pytest.mark.e2e
 

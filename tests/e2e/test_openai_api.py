@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL, Server, assert_same_greedy_run
+from tests.support.server import MODEL, Server, assert_same_greedy_run
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from tests.e2e.conftest import MODEL, free_port, start_server, stop_server
+from tests.support.server import MODEL, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ import pytest
 from openai import OpenAI
 
 from pensieve.config import default_data_dir
-from pensieve.store.gemma_model import ensure_gemma
+from tests.support.gemma_model import ensure_gemma
 from pensieve.store.store import ModelStore
-from tests.e2e.conftest import MODEL, Server, start_server, stop_server
+from tests.support.server import MODEL, Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

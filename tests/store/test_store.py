@@ -111,7 +111,7 @@ def test_bad_defaults_are_refused(defaults: dict[str, object]) -> None:
 
 def test_model_defaults_fill_only_unset_request_fields() -> None:
     from pensieve.api.model_defaults import with_model_defaults, with_system_prompt
-    from pensieve.api.openai_protocol import ChatCompletionRequest
+    from pensieve.api.openai.protocol import ChatCompletionRequest
 
     defaults = ModelDefaults(temperature=0.3, top_k=7, stop=("END",), num_predict=9,
                              system="Be brief.")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pensieve.api.anthropic_protocol import MessagesRequest
+from pensieve.api.anthropic.protocol import MessagesRequest
 from pensieve.api.chat import ChatMessage, ResponseFormat, Timings
-from pensieve.api.go_template import render_go_template
-from pensieve.api.ollama import fim_token_ids
-from pensieve.api.ollama_protocol import GenerateRequest, Options
+from pensieve.api.ollama.go_template import render_go_template
+from pensieve.api.ollama.routes import fim_token_ids
+from pensieve.api.ollama.protocol import GenerateRequest, Options
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.errors import InvalidRequest
 

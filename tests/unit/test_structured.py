@@ -16,7 +16,7 @@ from pensieve.structured import (
     integer_range_rule,
     rewrite_pattern,
 )
-from tests.e2e.schemas import SCHEMAS, UNSUPPORTED
+from tests.support.schemas import SCHEMAS, UNSUPPORTED
 
 
 def _as_regex(rule: str) -> str:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pensieve.api.openai_protocol import ChatCompletionRequest
-from pensieve.api.tools import parse_reply, render_messages, tool_grammar
+from pensieve.api.openai.protocol import ChatCompletionRequest
+from pensieve.api.openai.tools import parse_reply, render_messages, tool_grammar
 
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pensieve.api.openai_protocol import _SamplingFields
+from pensieve.api.openai.protocol import _SamplingFields
 from pensieve.store.store import ModelDefaults
 
 RequestT = TypeVar("RequestT", bound=_SamplingFields)

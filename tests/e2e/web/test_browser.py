@@ -18,7 +18,7 @@ import pytest
 from openai import OpenAI
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.e2e.conftest import MODEL, Server, free_port, stop_server
+from tests.support.server import MODEL, Server, free_port, stop_server
 
 pytestmark = pytest.mark.e2e
 

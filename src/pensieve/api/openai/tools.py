@@ -16,10 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pensieve.api.openai_protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+from pensieve.api.openai.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
 from pensieve.structured import UnsupportedSchema, grammar_for_json_schema
 
-log = logging.getLogger("pensieve.api.tools")
+log = logging.getLogger("pensieve.api.openai.tools")
 
 _INSTRUCTIONS = """You can call the following tools. Each is given as a JSON object with its name, \
 description and the JSON schema of its arguments:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pensieve.api.chat import ChatMessage, ResponseFormat
-from pensieve.api.protocol import StrictBody
+from pensieve.api.base import StrictBody
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.store.durations import parse_keep_alive

@@ -2,7 +2,7 @@
 
     RequestContext  request id, access log, request metrics       (outermost)
     CORS            only with --cors-origins: preflights, response headers
-    Access          Host, Origin, API key                         (api/access.py)
+    Access          Host, Origin, API key                         (middleware/access.py)
     BodyLimit       body size and read deadline                   (api/limits.py)
     the routes
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from pensieve.api.access import AccessConfig, AccessMiddleware
-from pensieve.api.limits import BodyLimitMiddleware, LimitsConfig
-from pensieve.api.metrics import Metrics
-from pensieve.api.request_context import RequestContextMiddleware
+from pensieve.api.middleware.access import AccessConfig, AccessMiddleware
+from pensieve.api.middleware.limits import BodyLimitMiddleware, LimitsConfig
+from pensieve.api.middleware.metrics import Metrics
+from pensieve.api.middleware.request_context import RequestContextMiddleware
 from pensieve.runtime import ModelRuntime
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
-from pensieve.api.protocol import StrictBody
+from pensieve.api.base import StrictBody
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 

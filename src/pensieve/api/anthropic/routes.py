@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pensieve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from pensieve.api.body import parse_body
+from pensieve.api.anthropic.protocol import CountTokensRequest, MessagesRequest
+from pensieve.api.base import parse_body
 from pensieve.api.chat import Delta, TextGeneration, Usage, count_prompt_tokens, start_text
 from pensieve.api.errors import ApiFamily, error_payload
 from pensieve.api.generation import ReleasingStreamingResponse, until_disconnect

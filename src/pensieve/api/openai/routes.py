@@ -27,8 +27,8 @@ from pensieve.api.generation import (
     until_disconnect,
 )
 from pensieve.api.model_defaults import with_model_defaults
-from pensieve.api.openai_protocol import ChatCompletionRequest, CompletionRequest
-from pensieve.api.tools import parse_reply, render_messages, tool_grammar
+from pensieve.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pensieve.api.openai.tools import parse_reply, render_messages, tool_grammar
 from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel

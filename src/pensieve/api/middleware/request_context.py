@@ -15,7 +15,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pensieve.api.metrics import Metrics
+from pensieve.api.middleware.metrics import Metrics
 from pensieve.logs import request_id_var
 
 log = logging.getLogger("pensieve.http")

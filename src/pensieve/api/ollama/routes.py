@@ -14,12 +14,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pensieve.api.body import parse_body
+from pensieve.api.base import parse_body
 from pensieve.api.chat import ChatMessage, TextGeneration, TextRequest, render_messages, start_text
 from pensieve.api.errors import ApiFamily, error_payload
 from pensieve.api.generation import ReleasingStreamingResponse, until_disconnect
-from pensieve.api.go_template import render_go_template
-from pensieve.api.ollama_protocol import ChatRequest, GenerateRequest
+from pensieve.api.ollama.go_template import render_go_template
+from pensieve.api.ollama.protocol import ChatRequest, GenerateRequest
 from pensieve.engine.types import FinishReason, ModelInfo
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
