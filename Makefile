@@ -5,6 +5,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 ARGS   ?=
+# llama.cpp's native build turns on AMX wherever the CPU advertises it, and some virtual
+# machines (Firecracker, for one) advertise AMX but fault on its instructions: the worker then
+# dies with SIGILL in its first matrix multiply. The x86-64 build leaves AMX out; on bare-metal
+# Sapphire Rapids or newer, `make install LLAMA_CFLAGS=` keeps it.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
 
 .PHONY: serve test install install-test lint clean chromium docs
 
@@ -14,7 +21,7 @@ $(BIN)/python:
 
 # llama-cpp-python is built from source (about 5-10 minutes on 2 cores, cached by pip after).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/python -m pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

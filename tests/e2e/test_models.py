@@ -18,9 +18,9 @@ from openai import OpenAI
 
 from pensieve.store.default_model import SHA256
 from pensieve.store.store import ModelDefaults, ModelStore
-from tests.support.server import MODEL, Server, start_server, stop_server, wait_for
 from tests.store.fake_hub import FakeHub, HubRepo
 from tests.store.gguf_variants import VARIANTS, layout_of, write_variant
+from tests.support.server import MODEL, Server, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -110,20 +110,21 @@ def test_bad_defaults_are_refused(defaults: dict[str, object]) -> None:
 
 
 def test_model_defaults_fill_only_unset_request_fields() -> None:
-    from pensieve.api.model_defaults import with_model_defaults, with_system_prompt
+    from pensieve.api.model_defaults import fill_defaults, with_system_prompt
     from pensieve.api.openai.protocol import ChatCompletionRequest
 
     defaults = ModelDefaults(temperature=0.3, top_k=7, stop=("END",), num_predict=9,
                              system="Be brief.")
-    body = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0})
-    filled = with_model_defaults(body, defaults)
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0}
+    ).to_generate()
+    filled = fill_defaults(req.params, req.sent, defaults)
     assert (filled.temperature, filled.top_k, filled.stop, filled.max_tokens) == \
-        (1.0, 7, ["END"], 9)
+        (1.0, 7, ("END",), 9)
     capped = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-         "max_completion_tokens": 2})
-    assert with_model_defaults(capped, defaults).max_tokens is None
+         "max_completion_tokens": 2}).to_generate()
+    assert fill_defaults(capped.params, capped.sent, defaults).max_tokens == 2
     user = [{"role": "user", "content": "hi"}]
     assert with_system_prompt(user, defaults)[0] == {"role": "system", "content": "Be brief."}
     own = [{"role": "system", "content": "x"}, *user]

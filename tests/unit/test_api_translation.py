@@ -6,10 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from pensieve.api.anthropic.protocol import MessagesRequest
-from pensieve.api.chat import ChatMessage, ResponseFormat, Timings
+from pensieve.api.generation import ResponseFormat, Timings, Turn
 from pensieve.api.ollama.go_template import render_go_template
-from pensieve.api.ollama.routes import fim_token_ids
 from pensieve.api.ollama.protocol import GenerateRequest, Options
+from pensieve.api.ollama.routes import fim_token_ids
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.errors import InvalidRequest
 
@@ -103,25 +103,25 @@ def test_system_blocks_and_same_role_turns_are_merged() -> None:
                               {"role": "user", "content": [{"type": "text", "text": "2"}]},
                               {"role": "assistant", "content": "3"},
                               {"role": "user", "content": "4"}])
-    turns, prefill = req.chat_messages()
-    assert turns == (ChatMessage("system", "AB"), ChatMessage("user", "1\n\n2"),
-                     ChatMessage("assistant", "3"), ChatMessage("user", "4"))
-    assert prefill == ""
+    prompt = req.prompt()
+    assert prompt.messages == (Turn("system", "AB"), Turn("user", "1\n\n2"),
+                               Turn("assistant", "3"), Turn("user", "4"))
+    assert prompt.prefill == ""
 
 
 def test_a_trailing_assistant_turn_becomes_the_prefill() -> None:
     req = _messages(messages=[{"role": "user", "content": "Hi"},
                               {"role": "assistant", "content": "Well, "}])
-    text_req = req.to_text_request()
-    assert text_req.messages == (ChatMessage("user", "Hi"),)
-    assert text_req.prefill == "Well,"
+    prompt = req.to_generate().prompts[0]
+    assert prompt.messages == (Turn("user", "Hi"),)
+    assert prompt.prefill == "Well,"
 
 
 def test_anthropic_sampling_defaults_and_values() -> None:
     p = _messages(messages=[{"role": "user", "content": "x"}], temperature=0.2, top_k=3,
-                  top_p=0.7, stop_sequences=["END"]).to_text_request().params
+                  top_p=0.7, stop_sequences=["END"]).to_generate().params
     assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.stop) == (8, 0.2, 3, 0.7, ("END",))
-    d = _messages(messages=[{"role": "user", "content": "x"}]).to_text_request().params
+    d = _messages(messages=[{"role": "user", "content": "x"}]).to_generate().params
     assert (d.temperature, d.top_k, d.top_p, d.stop) == (1.0, 0, 1.0, ())
 
 
@@ -148,7 +148,7 @@ def test_output_config_format_becomes_a_response_format() -> None:
     req = _messages(messages=[{"role": "user", "content": "x"}],
                     output_config={"effort": "low",
                                    "format": {"type": "json_schema", "schema": schema}})
-    assert req.to_text_request().response_format == ResponseFormat("json_schema", schema)
+    assert req.to_generate().response_format == ResponseFormat("json_schema", schema)
     with pytest.raises(ValidationError):
         _messages(messages=[{"role": "user", "content": "x"}],
                   output_config={"format": {"type": "xml", "schema": schema}})

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Route
 
-from pensieve.api.middleware.access import AccessConfig, host_name, key_matches, presented_key
 from pensieve.api.app import create_app
 from pensieve.api.errors import ApiFamily, family_for_path
+from pensieve.api.middleware.access import AccessConfig, host_name, key_matches, presented_key
 from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.api.middleware.safety import SafetyConfig
 from pensieve.config import Settings

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from pensieve.api.generation import ReleasingStreamingResponse
+from pensieve.api.streaming import ReleasingStreamingResponse
 
 SCOPE = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST",
          "path": "/v1/chat/completions", "headers": []}

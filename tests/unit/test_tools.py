@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pensieve.api.openai.protocol import ChatCompletionRequest
-from pensieve.api.openai.tools import parse_reply, render_messages, tool_grammar
+from pensieve.api.tools import ToolSpec, grammar, parse_reply, render_turn, with_instructions
 
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",
@@ -24,23 +24,33 @@ def _body(**kwargs) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({**args, **kwargs})
 
 
+def _spec(**kwargs) -> ToolSpec:
+    spec = _body(**kwargs).tool_spec()
+    assert spec is not None
+    return spec
+
+
+def render_messages(spec: ToolSpec) -> list[dict]:
+    return with_instructions([{"role": "user", "content": "hi"}], spec)
+
+
 def test_tools_go_into_a_system_message() -> None:
-    messages = render_messages(_body())
+    messages = render_messages(_spec())
     assert messages[0]["role"] == "system" and "get_weather" in messages[0]["content"]
     assert '"response"' in messages[0]["content"]  # auto may answer directly
     assert "send_mail" in messages[0]["content"]
 
 
 def test_named_choice_offers_only_that_tool_and_no_direct_answer() -> None:
-    body = _body(tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    system = render_messages(body)[0]["content"]
+    spec = _spec(tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    system = render_messages(spec)[0]["content"]
     assert "send_mail" not in system and '"response"' not in system
-    grammar = tool_grammar(body)
-    assert "get_weather" in grammar and "send_mail" not in grammar and "response" not in grammar
+    gbnf = grammar(spec)
+    assert "get_weather" in gbnf and "send_mail" not in gbnf and "response" not in gbnf
 
 
 def test_none_leaves_tools_out() -> None:
-    assert render_messages(_body(tool_choice="none")) == [{"role": "user", "content": "hi"}]
+    assert _body(tool_choice="none").tool_spec() is None
 
 
 def test_past_calls_and_results_are_rendered_as_json() -> None:
@@ -50,18 +60,19 @@ def test_past_calls_and_results_are_rendered_as_json() -> None:
             {"id": "call_1", "type": "function",
              "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "cold"}])
-    rendered = render_messages(body)
-    assert json.loads(rendered[2]["content"]) == {
+    rendered = [render_turn(m.role, m.content, m.tool_calls, m.tool_call_id)
+                for m in (msg.to_message() for msg in body.messages)]
+    assert json.loads(rendered[1]["content"]) == {
         "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}
-    assert json.loads(rendered[3]["content"]) == {
+    assert json.loads(rendered[2]["content"]) == {
         "tool_response": {"tool_call_id": "call_1", "content": "cold"}}
 
 
 def test_replies_parse_into_calls_or_content() -> None:
     calls = parse_reply('{"tool_calls": [{"name": "f", "arguments": {"a": 1}}]}')
     assert calls.content is None
-    assert calls.tool_calls[0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
-    assert calls.tool_calls[0]["id"].startswith("call_")
+    assert (calls.tool_calls[0].name, calls.tool_calls[0].arguments) == ("f", '{"a": 1}')
+    assert calls.tool_calls[0].id.startswith("call_")
     assert parse_reply('{"response": "hello"}').content == "hello"
     assert parse_reply('{"tool_calls": [{"na').content == '{"tool_calls": [{"na'
 

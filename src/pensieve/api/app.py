@@ -12,15 +12,15 @@ from fastapi.responses import JSONResponse
 from pensieve import __version__
 from pensieve.api import admin, web
 from pensieve.api.anthropic import routes as anthropic
+from pensieve.api.errors import install_error_handlers
 from pensieve.api.middleware import metrics
+from pensieve.api.middleware.access import AccessConfig
+from pensieve.api.middleware.safety import SafetyConfig, install_safety
 from pensieve.api.ollama import embed as ollama_embed
 from pensieve.api.ollama import models as ollama_models
 from pensieve.api.ollama import routes as ollama
 from pensieve.api.openai import embeddings
 from pensieve.api.openai import routes as openai
-from pensieve.api.middleware.access import AccessConfig
-from pensieve.api.errors import install_error_handlers
-from pensieve.api.middleware.safety import SafetyConfig, install_safety
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
 

@@ -27,11 +27,12 @@ class StrictBody(BaseModel):
             log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """Validate the raw body against `model`; errors become the usual 400 in the route's shape."""
+async def parse_body(request: Request, model: type[M], empty: bytes = b"null") -> M:
+    """Validate the raw body (`empty` when there is none) against `model`; errors become the
+    usual 400 in the route's shape."""
     raw = await request.body()
     try:
-        return model.model_validate_json(raw or b"null", strict=None)
+        return model.model_validate_json(raw or empty, strict=None)
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]
         raise RequestValidationError(errors) from exc

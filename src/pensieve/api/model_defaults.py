@@ -3,28 +3,30 @@ sampling fields, the answer length, a system prompt, a chat template override.""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import dataclasses
+from typing import Any
 
-from pensieve.api.openai.protocol import _SamplingFields
+from pensieve.engine.types import SamplingParams
 from pensieve.store.store import ModelDefaults
 
-RequestT = TypeVar("RequestT", bound=_SamplingFields)
+# SamplingParams fields a model default can fill, by the name ModelDefaults gives them.
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+             "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed",
+             "num_predict": "max_tokens"}
 
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-_LENGTH_FIELDS = {"max_tokens", "max_completion_tokens"}
 
-
-def with_model_defaults(body: RequestT, defaults: ModelDefaults) -> RequestT:
-    """The request with the model's defaults for every field the client did not send."""
-    sent = body.model_fields_set
-    updates: dict[str, object] = {
-        name: getattr(defaults, name) for name in _SAMPLING
-        if name not in sent and getattr(defaults, name) is not None}
+def fill_defaults(params: SamplingParams, sent: frozenset[str],
+                  defaults: ModelDefaults) -> SamplingParams:
+    """`params` with the model's defaults for every field the client did not send (`sent`
+    names SamplingParams fields)."""
+    updates: dict[str, Any] = {
+        field: getattr(defaults, name) for name, field in _SAMPLING.items()
+        if field not in sent and getattr(defaults, name) is not None}
+    if "seed" in updates:
+        updates["seed"] &= 0xFFFFFFFF
     if defaults.stop and "stop" not in sent:
-        updates["stop"] = list(defaults.stop)
-    if defaults.num_predict is not None and not sent & _LENGTH_FIELDS:
-        updates["max_tokens"] = defaults.num_predict
-    return body.model_copy(update=updates) if updates else body
+        updates["stop"] = tuple(defaults.stop)
+    return dataclasses.replace(params, **updates) if updates else params
 
 
 def with_system_prompt(messages: list[dict[str, Any]],

@@ -275,17 +275,47 @@ class EngineClient:
         """Stream a request's outputs: first `RequestAccepted`, then `SeqOutput`s of all choices.
 
         Leaving the iteration early (the client went away) aborts the request in the worker.
+        This generator is the only layer between the worker's pipe and the API's renderer, so
+        its per-output work is kept to a few checks.
         """
         self._admit()
         self.num_in_flight += 1
-        run = self._run(self._capped(request))
+        request = self._capped(request)
+        rid = request.request_id
+        stream: asyncio.Queue[object] = asyncio.Queue()
+        num_open = request.params.n
+        timing = _RequestTiming(time.perf_counter(), self.name, self.observer)
+        deadline: _Deadline | None = None
         try:
             await self.ensure_started()
-            async for item in run:
+            self._streams[rid] = stream
+            self.touch()
+            deadline = _Deadline.start(self.limits.deadline_s, stream)
+            if self.limits.log_prompts:
+                log.info("%s prompt: %r", rid, request.prompt or request.prompt_tokens)
+            self._outbox.put(request)
+            while num_open > 0:
+                item = await stream.get()
+                if isinstance(item, SeqOutput) and item.error is None:
+                    timing.observe(item)
+                    num_open -= item.finish_reason is not None
+                    yield item
+                    continue
+                if deadline is not None:
+                    deadline.check(item)
+                _raise_for(item)
+                assert isinstance(item, RequestAccepted)
+                self._check_prompt_length(item)
                 yield item
         finally:
-            await run.aclose()  # now, not at garbage collection: the abort must go out
+            if deadline is not None:
+                deadline.cancel()
             self.num_in_flight -= 1
+            if self._streams.pop(rid, None) is not None:
+                self.touch()
+                if num_open > 0 and self.is_running:
+                    self._outbox.put(AbortRequest(rid))
+                timing.log(rid, aborted=num_open > 0)
 
     def _admit(self) -> None:
         limit = self.limits.max_in_flight
@@ -302,38 +332,6 @@ class EngineClient:
         if cap is None or (asked is not None and asked <= cap):
             return request
         return replace(request, params=replace(request.params, max_tokens=cap))
-
-    async def _run(self, request: EngineRequest) -> AsyncIterator[SeqOutput | RequestAccepted]:
-        stream: asyncio.Queue[object] = asyncio.Queue()
-        rid = request.request_id
-        self._streams[rid] = stream
-        self.touch()
-        num_open = request.params.n
-        timing = _RequestTiming(time.perf_counter(), self.name, self.observer)
-        deadline = _Deadline.start(self.limits.deadline_s, stream)
-        if self.limits.log_prompts:
-            log.info("%s prompt: %r", rid, request.prompt or request.prompt_tokens)
-        try:
-            self._outbox.put(request)
-            while num_open > 0:
-                item = await stream.get()
-                if deadline is not None:
-                    deadline.check(item)
-                _raise_for(item)
-                if isinstance(item, RequestAccepted):
-                    self._check_prompt_length(item)
-                if isinstance(item, SeqOutput):
-                    timing.observe(item)
-                    num_open -= item.finish_reason is not None
-                yield item  # type: ignore[misc]
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-            self._streams.pop(rid, None)
-            self.touch()
-            if num_open > 0 and self.is_running:
-                self._outbox.put(AbortRequest(rid))
-            timing.log(rid, aborted=num_open > 0)
 
     def _check_prompt_length(self, accepted: RequestAccepted) -> None:
         limit = self.limits.max_prompt_tokens

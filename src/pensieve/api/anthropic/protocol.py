@@ -1,5 +1,5 @@
-"""Anthropic Messages request models (pydantic, strict types) and their translation to a
-`TextRequest`."""
+"""Anthropic Messages request models (pydantic, strict types), translated to a
+`GenerationRequest`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
 from pensieve.api.base import StrictBody
+from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 
@@ -73,24 +73,27 @@ class _MessagesFields(StrictBody):
             raise ValueError("the first message must use the 'user' role")
         return self
 
-    def chat_messages(self) -> tuple[tuple[ChatMessage, ...], str]:
-        """The conversation, and the trailing assistant text the answer continues (if any)."""
+    def prompt(self) -> Prompt:
+        """The conversation; a trailing assistant turn is the start of the answer."""
         system = _blocks_text(self.system, "system") if self.system is not None else ""
-        turns = [ChatMessage("system", system)] if system else []
+        turns = [Turn("system", system)] if system else []
         for i, m in enumerate(self.messages):
-            turns.append(ChatMessage(m.role, _blocks_text(m.content, f"messages.{i}.content")))
+            turns.append(Turn(m.role, _blocks_text(m.content, f"messages.{i}.content")))
         merged = _merge_same_role(turns)
         if merged[-1].role == "assistant":
-            return tuple(merged[:-1]), merged[-1].content.rstrip()
-        return tuple(merged), ""
+            return Prompt(messages=tuple(merged[:-1]), prefill=merged[-1].content.rstrip())
+        return Prompt(messages=tuple(merged))
+
+    def count_request(self) -> GenerationRequest:
+        return GenerationRequest(self.model, SamplingParams(), (self.prompt(),))
 
 
-def _merge_same_role(turns: list[ChatMessage]) -> list[ChatMessage]:
+def _merge_same_role(turns: list[Turn]) -> list[Turn]:
     """Consecutive turns of one role become one, as the Messages API specifies."""
-    merged: list[ChatMessage] = []
+    merged: list[Turn] = []
     for turn in turns:
         if merged and merged[-1].role == turn.role:
-            merged[-1] = ChatMessage(turn.role, merged[-1].content + "\n\n" + turn.content)
+            merged[-1] = Turn(turn.role, merged[-1].content + "\n\n" + turn.content)
         else:
             merged.append(turn)
     return merged
@@ -128,8 +131,7 @@ class MessagesRequest(_MessagesFields):
             raise ValueError(f"stop sequences must hold 1 to {MAX_STOP_LENGTH} characters")
         return self
 
-    def to_text_request(self) -> TextRequest:
-        messages, prefill = self.chat_messages()
+    def to_generate(self) -> GenerationRequest:
         params = SamplingParams(
             max_tokens=self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -139,8 +141,12 @@ class MessagesRequest(_MessagesFields):
         )
         fmt = self.output_config.format if self.output_config else None
         response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None
-        return TextRequest(params, messages=messages, prefill=prefill,
-                           response_format=response_format)
+        sent = {"max_tokens", *(f for f in ("temperature", "top_p", "top_k")
+                                if f in self.model_fields_set)}
+        if self.stop_sequences is not None:
+            sent.add("stop")
+        return GenerationRequest(self.model, params, (self.prompt(),), frozenset(sent),
+                                 response_format, id_prefix="msg_")
 
 
 class CountTokensRequest(_MessagesFields):

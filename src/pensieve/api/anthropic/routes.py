@@ -11,7 +11,6 @@ came from Pensieve's memory (`cache_read_input_tokens`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,16 +19,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pensieve.api.anthropic.protocol import CountTokensRequest, MessagesRequest
 from pensieve.api.base import parse_body
-from pensieve.api.chat import Delta, TextGeneration, Usage, count_prompt_tokens, start_text
 from pensieve.api.errors import ApiFamily, error_payload
-from pensieve.api.generation import ReleasingStreamingResponse, until_disconnect
-from pensieve.engine.types import FinishReason
+from pensieve.api.generation import (
+    Finish,
+    Finished,
+    Generation,
+    TextDelta,
+    Usage,
+    count_prompt_tokens,
+    start,
+)
+from pensieve.api.streaming import event_stream, sse_event, until_disconnect
 from pensieve.errors import PensieveError
 from pensieve.runtime import ModelRuntime
 
 router = APIRouter(tags=["anthropic"])
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The one table from a finish to Anthropic's stop_reason.
+STOP_REASONS = {Finish.END: "end_turn", Finish.STOP_STRING: "stop_sequence",
+                Finish.LENGTH: "max_tokens", Finish.TOOL_CALLS: "tool_use",
+                Finish.ABORT: "end_turn", Finish.ERROR: "end_turn"}
 
 
 def _runtime(request: Request) -> ModelRuntime:
@@ -40,28 +49,24 @@ def _runtime(request: Request) -> ModelRuntime:
 async def messages(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, MessagesRequest)
     body.warn_unknown_fields()
-    served = _runtime(request).get(body.model)
-    gen = await start_text(served, body.to_text_request(), id_prefix="msg_")
+    gen = await start(_runtime(request), body.to_generate())
     if body.stream:
-        return ReleasingStreamingResponse(_stream(gen), gen.aclose,
-                                          media_type="text/event-stream", headers=_SSE_HEADERS)
-    completion = await until_disconnect(request, gen.collect())
-    content = [{"type": "text", "text": completion.text}] if completion.text else []
-    stop_reason, stop_sequence = _stop(completion.finish_reason, completion.stop_string)
-    return JSONResponse({**_message(gen, content), "stop_reason": stop_reason,
-                         "stop_sequence": stop_sequence, "usage": _usage(gen.usage)})
+        return event_stream(_stream(gen), gen.aclose)
+    choice = (await until_disconnect(request, gen.collect()))[0]
+    content = [{"type": "text", "text": choice.text}] if choice.text else []
+    finish = choice.finish or Finish.END
+    return JSONResponse({**_message(gen, content), "stop_reason": STOP_REASONS[finish],
+                         "stop_sequence": choice.stop_string, "usage": _usage(gen.usage)})
 
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> dict[str, int]:
     body = await parse_body(request, CountTokensRequest)
     body.warn_unknown_fields()
-    served = _runtime(request).get(body.model)
-    messages_, prefill = body.chat_messages()
-    return {"input_tokens": await count_prompt_tokens(served, messages_, prefill)}
+    return {"input_tokens": await count_prompt_tokens(_runtime(request), body.count_request())}
 
 
-def _message(gen: TextGeneration, content: list[dict[str, Any]]) -> dict[str, Any]:
+def _message(gen: Generation, content: list[dict[str, Any]]) -> dict[str, Any]:
     return {"id": gen.request_id, "type": "message", "role": "assistant", "model": gen.model,
             "content": content}
 
@@ -75,50 +80,37 @@ def _usage(usage: Usage) -> dict[str, int]:
             "output_tokens": usage.num_output_tokens}
 
 
-def _stop(reason: FinishReason | None, stop_string: str | None) -> tuple[str, str | None]:
-    if stop_string is not None:
-        return "stop_sequence", stop_string
-    if reason is FinishReason.LENGTH:
-        return "max_tokens", None
-    return "end_turn", None
-
-
-async def _stream(gen: TextGeneration) -> AsyncIterator[bytes]:
+async def _stream(gen: Generation) -> AsyncIterator[bytes]:
     started = False
     try:
-        async for delta in gen.deltas():
+        async for event in gen.events():
             if not started:
                 started = True
-                for event in _opening(gen):
-                    yield event
-            if delta.text:
-                yield _event("content_block_delta", {
-                    "index": 0, "delta": {"type": "text_delta", "text": delta.text}})
-            if delta.finish_reason is not None:
-                for event in _closing(gen, delta):
-                    yield event
+                for chunk in _opening(gen):
+                    yield chunk
+            if isinstance(event, TextDelta) and event.text:
+                yield sse_event("content_block_delta", {
+                    "index": 0, "delta": {"type": "text_delta", "text": event.text}})
+            elif isinstance(event, Finished):
+                for chunk in _closing(gen, event):
+                    yield chunk
     except PensieveError as exc:
-        yield _event("error", error_payload(ApiFamily.ANTHROPIC, exc.status_code, exc.message))
+        yield sse_event("error", error_payload(ApiFamily.ANTHROPIC, exc.status_code,
+                                               exc.message))
 
 
-def _opening(gen: TextGeneration) -> list[bytes]:
+def _opening(gen: Generation) -> list[bytes]:
     message = {**_message(gen, []), "stop_reason": None, "stop_sequence": None,
                "usage": {**_usage(gen.usage), "output_tokens": 0}}
-    return [_event("message_start", {"message": message}),
-            _event("content_block_start", {"index": 0,
-                                           "content_block": {"type": "text", "text": ""}}),
-            _event("ping", {})]
+    return [sse_event("message_start", {"message": message}),
+            sse_event("content_block_start", {"index": 0,
+                                              "content_block": {"type": "text", "text": ""}}),
+            sse_event("ping", {})]
 
 
-def _closing(gen: TextGeneration, last: Delta) -> list[bytes]:
-    stop_reason, stop_sequence = _stop(last.finish_reason, last.stop_string)
-    return [_event("content_block_stop", {"index": 0}),
-            _event("message_delta", {"delta": {"stop_reason": stop_reason,
-                                               "stop_sequence": stop_sequence},
-                                     "usage": _usage(gen.usage)}),
-            _event("message_stop", {})]
-
-
-def _event(kind: str, payload: dict[str, Any]) -> bytes:
-    data = json.dumps({"type": kind, **payload}, ensure_ascii=False)
-    return f"event: {kind}\ndata: {data}\n\n".encode()
+def _closing(gen: Generation, last: Finished) -> list[bytes]:
+    return [sse_event("content_block_stop", {"index": 0}),
+            sse_event("message_delta", {"delta": {"stop_reason": STOP_REASONS[last.reason],
+                                                  "stop_sequence": last.stop_string},
+                                        "usage": _usage(gen.usage)}),
+            sse_event("message_stop", {})]

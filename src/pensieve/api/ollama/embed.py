@@ -7,14 +7,15 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from pensieve.api.base import StrictBody
+from pensieve.api.generation import open_model
 
 router = APIRouter()
 
 
-class EmbedBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
+class EmbedBody(StrictBody):
     model: str
     input: str | list[str] = Field(min_length=1)
     truncate: bool = True
@@ -23,9 +24,7 @@ class EmbedBody(BaseModel):
     dimensions: int | None = Field(None, ge=1)
 
 
-class EmbeddingsBody(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
+class EmbeddingsBody(StrictBody):
     model: str
     prompt: str = Field(min_length=1)
     options: dict[str, Any] | None = None
@@ -35,8 +34,7 @@ class EmbeddingsBody(BaseModel):
 @router.post("/api/embed")
 async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
     started = time.perf_counter_ns()
-    served = request.app.state.runtime.get(body.model)
-    request.app.state.runtime.apply_keep_alive(served, body.keep_alive)
+    served, _ = await open_model(request.app.state.runtime, body.model, body.keep_alive)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     result = await served.client.embed(inputs, truncate=body.truncate)  # type: ignore[arg-type]
     vectors = result.embeddings
@@ -49,8 +47,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
 
 @router.post("/api/embeddings")
 async def embeddings(body: EmbeddingsBody, request: Request) -> dict[str, Any]:
-    served = request.app.state.runtime.get(body.model)
-    request.app.state.runtime.apply_keep_alive(served, body.keep_alive)
+    served, _ = await open_model(request.app.state.runtime, body.model, body.keep_alive)
     result = await served.client.embed([body.prompt])
     return {"embedding": result.embeddings[0]}
 

@@ -14,14 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from starlette.requests import ClientDisconnect
 
+from pensieve.api.base import StrictBody, parse_body
 from pensieve.errors import InvalidRequest, NotFound, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel, resident_bytes
 from pensieve.store import describe
@@ -33,14 +33,7 @@ from pensieve.templates import ChatTemplate
 
 router = APIRouter()
 log = logging.getLogger("pensieve.models")
-_BodyT = TypeVar("_BodyT", bound=BaseModel)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class ModelBody(_Body):
+class ModelBody(StrictBody):
     model: str | None = Field(None, max_length=1000)
     name: str | None = Field(None, max_length=1000)  # older clients say `name`
     verbose: bool = False
@@ -72,18 +65,9 @@ class CreateBody(ModelBody):
     stream: bool = True
 
 
-class CopyBody(_Body):
+class CopyBody(StrictBody):
     source: str = Field(max_length=300)
     destination: str = Field(max_length=300)
-
-
-async def _parse(request: Request, cls: type[_BodyT]) -> _BodyT:
-    """The JSON body, whatever its Content-Type says (Ollama's clients and curl users often
-    send none)."""
-    try:
-        return cls.model_validate_json(await request.body() or b"{}")
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 def _runtime(request: Request) -> ModelRuntime:
@@ -132,7 +116,7 @@ def _tag_rows(runtime: ModelRuntime) -> list[dict[str, Any]]:
 
 @router.post("/api/show")
 async def show(request: Request) -> dict[str, Any]:
-    body = await _parse(request, ModelBody)
+    body = await parse_body(request, ModelBody, b"{}")
     runtime = _runtime(request)
     served = runtime.get(body.target())
     manifest = runtime.store.find(served.name) if runtime.store else None
@@ -155,7 +139,7 @@ def _show_payload(served: ServedModel, manifest: Manifest | None,
 
 @router.post("/api/pull", response_model=None)
 async def pull_model(request: Request) -> JSONResponse | StreamingResponse:
-    body = await _parse(request, PullBody)
+    body = await parse_body(request, PullBody, b"{}")
     store = _store(request)
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -204,7 +188,7 @@ async def _ndjson(job: asyncio.Task[Manifest],
 
 @router.delete("/api/delete")
 async def delete(request: Request) -> Response:
-    body = await _parse(request, ModelBody)
+    body = await parse_body(request, ModelBody, b"{}")
     store, runtime = _store(request), _runtime(request)
     manifest = await asyncio.to_thread(store.remove, body.target())
     runtime.forget(str(manifest.name))
@@ -213,7 +197,7 @@ async def delete(request: Request) -> Response:
 
 @router.post("/api/copy")
 async def copy(request: Request) -> Response:
-    body = await _parse(request, CopyBody)
+    body = await parse_body(request, CopyBody, b"{}")
     await asyncio.to_thread(_store(request).copy, body.source, body.destination)
     return Response(status_code=200)
 
@@ -266,7 +250,7 @@ async def upload_blob(digest: str, request: Request) -> Response:
 async def create(request: Request) -> JSONResponse | StreamingResponse:
     """Ollama's create: a new model from an existing one (`from`) or from an uploaded GGUF blob
     (`files`), with its own system prompt, template and parameters."""
-    body = await _parse(request, CreateBody)
+    body = await parse_body(request, CreateBody, b"{}")
     store, runtime = _store(request), _runtime(request)
     name = parse_name(body.target())
     for field_ in ("adapters", "messages", "quantize"):

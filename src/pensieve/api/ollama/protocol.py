@@ -1,4 +1,4 @@
-"""Ollama request models (pydantic, strict types) and their translation to a `TextRequest`."""
+"""Ollama request models (pydantic, strict types), translated to a `GenerationRequest`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pensieve.api.chat import ChatMessage, ResponseFormat
 from pensieve.api.base import StrictBody
+from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.store.durations import parse_keep_alive
@@ -20,6 +20,11 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SCHEMA_CHARS = 1 << 16
 # Options that size or place the model at load time: one server-wide setting each in Pensieve.
+# Options that set a SamplingParams field, by that field's name (store defaults fill the rest).
+_SENT = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k",
+         "top_p": "top_p", "min_p": "min_p", "seed": "seed", "stop": "stop",
+         "repeat_penalty": "repeat_penalty", "repeat_last_n": "penalty_last_n",
+         "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
                  "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread",
                  "num_keep", "penalize_newline", "tfs_z"}
@@ -57,6 +62,9 @@ class Options(StrictBody):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of at most "
                              f"{MAX_STOP_LENGTH} characters are allowed")
         return self
+
+    def sent(self) -> frozenset[str]:
+        return frozenset(_SENT[f] for f in self.model_fields_set if f in _SENT)
 
     def to_sampling_params(self, n_ctx: int) -> SamplingParams:
         """Ollama's defaults, except no repeat penalty unless asked for (as in Ollama's own
@@ -142,6 +150,13 @@ class _GenerateFields(StrictBody):
     def response_format(self) -> ResponseFormat | None:
         return parse_format(self.format)
 
+    def to_generate(self, prompt: Prompt, n_ctx: int, id_prefix: str) -> GenerationRequest:
+        """The request for `prompt`; `n_ctx` (the model's per-sequence context) sizes
+        `repeat_last_n: -1`."""
+        return GenerationRequest(self.model, self.options.to_sampling_params(n_ctx), (prompt,),
+                               self.options.sent(), self.response_format,
+                               keep_alive=self.keep_alive, id_prefix=id_prefix)
+
 
 
 def refuse_images(images: list[Any] | None, param: str) -> None:
@@ -158,12 +173,12 @@ class OllamaMessage(StrictBody):
     thinking: str | None = None
     tool_name: str | None = None
 
-    def to_message(self) -> ChatMessage:
+    def to_message(self) -> Turn:
         refuse_images(self.images, "messages.images")
         if self.tool_calls:
             raise InvalidRequest("Tool calls are not supported yet.",
                                  param="messages.tool_calls", code="unsupported_feature")
-        return ChatMessage(self.role, self.content)
+        return Turn(self.role, self.content)
 
 
 class ChatRequest(_GenerateFields):

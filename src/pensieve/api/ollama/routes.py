@@ -7,7 +7,6 @@ Streams NDJSON by default (one JSON object a line, the last with `done: true` an
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,12 +14,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pensieve.api.base import parse_body
-from pensieve.api.chat import ChatMessage, TextGeneration, TextRequest, render_messages, start_text
 from pensieve.api.errors import ApiFamily, error_payload
-from pensieve.api.generation import ReleasingStreamingResponse, until_disconnect
+from pensieve.api.generation import (
+    Finish,
+    Finished,
+    Generation,
+    Prompt,
+    TextDelta,
+    Turn,
+    open_model,
+    render_prompt,
+    start,
+)
 from pensieve.api.ollama.go_template import render_go_template
 from pensieve.api.ollama.protocol import ChatRequest, GenerateRequest
-from pensieve.engine.types import FinishReason, ModelInfo
+from pensieve.api.streaming import NDJSON, ReleasingStreamingResponse, ndjson, until_disconnect
+from pensieve.engine.types import ModelInfo
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
 
@@ -29,8 +38,10 @@ router = APIRouter(tags=["ollama"])
 # The Ollama release whose API these routes follow; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.0"
 CACHED_TOKENS_HEADER = "X-Pensieve-Cached-Tokens"
-_NDJSON = "application/x-ndjson"
 _FIM_KEYS = (("fim_pre", "prefix"), ("fim_suf", "suffix"), ("fim_mid", "middle"))
+# The one table from a finish to Ollama's done_reason.
+DONE_REASONS = {Finish.END: "stop", Finish.STOP_STRING: "stop", Finish.LENGTH: "length",
+                Finish.TOOL_CALLS: "stop", Finish.ABORT: "stop", Finish.ERROR: "stop"}
 
 
 def _runtime(request: Request) -> ModelRuntime:
@@ -46,34 +57,29 @@ async def version() -> dict[str, str]:
     return {"version": OLLAMA_API_VERSION}
 
 
-def _serve(request: Request, body: ChatRequest | GenerateRequest) -> ServedModel:
-    """Check a parsed chat or generate body, then find its model and apply its keep_alive."""
+async def _open(request: Request, body: ChatRequest | GenerateRequest
+                ) -> tuple[ServedModel, ModelInfo]:
+    """Check a parsed chat or generate body, then load its model with its keep_alive."""
     body.warn_unknown_fields()
     body.check_supported()
-    runtime = _runtime(request)
-    served = runtime.get(body.model)
-    runtime.apply_keep_alive(served, body.keep_alive)
-    return served
+    return await open_model(_runtime(request), body.model, body.keep_alive)
 
 
 # --- chat ------------------------------------------------------------------------------------
 @router.post("/api/chat", response_model=None)
 async def chat(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, ChatRequest)
-    served = _serve(request, body)
-    messages = tuple(m.to_message() for m in body.messages)
-    info = await served.client.ensure_started()
-    if not messages:  # Ollama's way to load a model: answer at once, done_reason "load"
+    served, info = await _open(request, body)
+    if not body.messages:  # Ollama's way to load a model: answer at once, done_reason "load"
         return JSONResponse({**_head(served), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
-    text_req = TextRequest(body.options.to_sampling_params(info.n_ctx_seq), messages=messages,
-                           response_format=body.response_format)
-    gen = await start_text(served, text_req, id_prefix="ollama-chat-")
+    prompt = Prompt(messages=tuple(m.to_message() for m in body.messages))
+    gen = await start(_runtime(request), body.to_generate(prompt, info.n_ctx_seq, "ollama-chat-"))
     if body.stream:
-        return ReleasingStreamingResponse(_stream(gen, "chat"), gen.aclose, media_type=_NDJSON)
-    completion = await until_disconnect(request, gen.collect())
-    reply = {**_head(served), "message": {"role": "assistant", "content": completion.text},
-             **_final_fields(gen, completion.finish_reason)}
+        return ReleasingStreamingResponse(_stream(gen, "chat"), gen.aclose, media_type=NDJSON)
+    choice = (await until_disconnect(request, gen.collect()))[0]
+    reply = {**_head(served), "message": {"role": "assistant", "content": choice.text},
+             **_final_fields(gen, choice.finish)}
     return JSONResponse(reply, headers=_cache_header(gen))
 
 
@@ -81,21 +87,18 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse:
 @router.post("/api/generate", response_model=None)
 async def generate(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, GenerateRequest)
-    served = _serve(request, body)
-    info = await served.client.ensure_started()
+    served, info = await _open(request, body)
     if not body.prompt and not body.context and not body.suffix:
         return JSONResponse({**_head(served), "response": "", "done": True,
                              "done_reason": "load"})
     tokens = await _generate_tokens(served, info, body)
-    text_req = TextRequest(body.options.to_sampling_params(info.n_ctx_seq),
-                           prompt_tokens=tuple(tokens), response_format=body.response_format)
-    gen = await start_text(served, text_req, id_prefix="ollama-gen-")
+    prompt = Prompt(tokens=tuple(tokens))
+    gen = await start(_runtime(request), body.to_generate(prompt, info.n_ctx_seq, "ollama-gen-"))
     if body.stream:
-        return ReleasingStreamingResponse(_stream(gen, "generate"), gen.aclose, media_type=_NDJSON)
-    completion = await until_disconnect(request, gen.collect())
-    reply = {**_head(served), "response": completion.text,
-             **_final_fields(gen, completion.finish_reason),
-             "context": tokens + completion.token_ids}
+        return ReleasingStreamingResponse(_stream(gen, "generate"), gen.aclose, media_type=NDJSON)
+    choice = (await until_disconnect(request, gen.collect()))[0]
+    reply = {**_head(served), "response": choice.text, **_final_fields(gen, choice.finish),
+             "context": tokens + choice.token_ids}
     return JSONResponse(reply, headers=_cache_header(gen))
 
 
@@ -110,9 +113,9 @@ async def _generate_tokens(served: ServedModel, info: ModelInfo,
     elif body.template is not None:
         prompt = render_go_template(body.template, body.system or "", body.prompt)
     else:
-        system = (ChatMessage("system", body.system),) if body.system else ()
-        prompt = render_messages(info, (*system, ChatMessage("user", body.prompt)),
-                                 defaults=served.defaults)
+        system = (Turn("system", body.system),) if body.system else ()
+        chat = Prompt(messages=(*system, Turn("user", body.prompt)))
+        prompt = render_prompt(info, chat, defaults=served.defaults)
     if body.context:
         return list(body.context) + await client.tokenize(prompt, add_special=False)
     return await client.tokenize(prompt, add_special=True)
@@ -149,13 +152,9 @@ def _head(served: ServedModel) -> dict[str, Any]:
     return {"model": served.name, "created_at": _now()}
 
 
-def _done_reason(reason: FinishReason | None) -> str:
-    return "length" if reason is FinishReason.LENGTH else "stop"
-
-
-def _final_fields(gen: TextGeneration, reason: FinishReason | None) -> dict[str, Any]:
+def _final_fields(gen: Generation, finish: Finish | None) -> dict[str, Any]:
     t, u = gen.timings, gen.usage
-    return {"done": True, "done_reason": _done_reason(reason),
+    return {"done": True, "done_reason": DONE_REASONS[finish or Finish.END],
             "total_duration": t.total_ns, "load_duration": t.load_ns,
             "prompt_eval_count": u.num_prompt_tokens, "prompt_eval_duration": t.prompt_eval_ns,
             "eval_count": u.num_output_tokens, "eval_duration": t.eval_ns,
@@ -163,34 +162,31 @@ def _final_fields(gen: TextGeneration, reason: FinishReason | None) -> dict[str,
             "prompt_eval_cached_count": u.num_cached_tokens}
 
 
-def _cache_header(gen: TextGeneration) -> dict[str, str]:
+def _cache_header(gen: Generation) -> dict[str, str]:
     return {CACHED_TOKENS_HEADER: str(gen.usage.num_cached_tokens)}
 
 
-async def _stream(gen: TextGeneration, kind: str) -> AsyncIterator[bytes]:
+async def _stream(gen: Generation, kind: str) -> AsyncIterator[bytes]:
     head = {"model": gen.model}
     tokens = list(gen.prompt_tokens or ())
     try:
-        async for delta in gen.deltas():
-            tokens.extend(delta.token_ids)
-            if delta.text:
-                yield _line({**head, "created_at": _now(), **_piece(kind, delta.text),
-                             "done": False})
-            if delta.finish_reason is not None:
+        async for event in gen.events():
+            if isinstance(event, TextDelta):
+                tokens.extend(event.token_ids)
+                if event.text:
+                    yield ndjson({**head, "created_at": _now(), **_piece(kind, event.text),
+                                  "done": False})
+            elif isinstance(event, Finished):
                 final = {**head, "created_at": _now(), **_piece(kind, ""),
-                         **_final_fields(gen, delta.finish_reason)}
+                         **_final_fields(gen, event.reason)}
                 if kind == "generate":
                     final["context"] = tokens
-                yield _line(final)
+                yield ndjson(final)
     except PensieveError as exc:
-        yield _line(error_payload(ApiFamily.OLLAMA, exc.status_code, exc.message))
+        yield ndjson(error_payload(ApiFamily.OLLAMA, exc.status_code, exc.message))
 
 
 def _piece(kind: str, text: str) -> dict[str, Any]:
     if kind == "chat":
         return {"message": {"role": "assistant", "content": text}}
     return {"response": text}
-
-
-def _line(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False).encode() + b"\n"

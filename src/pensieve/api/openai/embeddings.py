@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from pensieve.api.base import StrictBody
+from pensieve.api.generation import open_model
 from pensieve.errors import InvalidRequest
 
 router = APIRouter()
@@ -18,14 +20,13 @@ MAX_INPUTS = 2048
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
+class EmbeddingRequest(StrictBody):
     model: str
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    keep_alive: int | float | str | None = None  # Ollama's: how long the model stays loaded
 
     @model_validator(mode="after")
     def _check_inputs(self) -> EmbeddingRequest:
@@ -54,8 +55,7 @@ def encode_vector(vector: list[float], encoding_format: str) -> list[float] | st
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-    served = request.app.state.runtime.get(body.model)
-    info = await served.client.ensure_started()
+    served, info = await open_model(request.app.state.runtime, body.model, body.keep_alive)
     result = await served.client.embed(body.inputs())
     size = len(result.embeddings[0])
     if body.dimensions is not None and body.dimensions != size:

@@ -1,55 +1,55 @@
-"""OpenAI request models (pydantic, strict types) and their conversion to engine parameters."""
+"""OpenAI request models (pydantic, strict types), translated to a `GenerationRequest`."""
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from pensieve.api import generation as gen
+from pensieve.api import tools
+from pensieve.api.base import StrictBody
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
-from pensieve.structured import JSON_OBJECT_GRAMMAR, check_gbnf, grammar_for_json_schema
-
-log = logging.getLogger("pensieve.api")
+from pensieve.structured import check_gbnf
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_LOGIT_BIAS = 1024
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+# The request fields that set a SamplingParams field, by that field's name: a store model's
+# defaults fill only those the client did not send.
+_SENT = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+         "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+         "frequency_penalty": "frequency_penalty", "repeat_penalty": "repeat_penalty",
+         "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
 
-    def warn_unknown_fields(self) -> None:
-        if self.model_extra:
-            log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
 
-
-class TextPart(_Strict):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(_Strict):
+class ImagePart(StrictBody):
     type: Literal["image_url", "input_audio", "file"]
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictBody):
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictBody):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -71,25 +71,30 @@ class ChatMessage(_Strict):
             parts.append(part.text)
         return "".join(parts)
 
+    def to_message(self) -> gen.Turn:
+        calls = tuple(tools.ToolCall(c.id, c.function.name, c.function.arguments)
+                      for c in self.tool_calls or ())
+        return gen.Turn(self.role, self.text(), calls, self.tool_call_id)
 
-class StreamOptions(_Strict):
+
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictBody):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-server's json_object
 
-    def grammar(self) -> str | None:
-        """The GBNF this format is enforced with (None: free text)."""
+    def to_format(self) -> gen.ResponseFormat | None:
+        """The format to enforce (None: free text)."""
         if self.type == "text":
             return None
         spec = self.json_schema
@@ -98,11 +103,11 @@ class ResponseFormat(_Strict):
             raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' "
                                  "object with a 'schema'.", param="response_format")
         if schema is None:
-            return JSON_OBJECT_GRAMMAR
-        return grammar_for_json_schema(schema, bool(spec and spec.strict))
+            return gen.ResponseFormat("json")
+        return gen.ResponseFormat("json_schema", schema, bool(spec and spec.strict))
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StrictBody):
     """Sampling fields shared by chat and legacy completions."""
 
     model: str
@@ -151,19 +156,18 @@ class _SamplingFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def output_grammar(self) -> str | None:
-        """The grammar from `grammar` or `response_format` (at most one of them)."""
-        from_format = self.response_format.grammar() if self.response_format else None
-        if self.grammar is not None and from_format is not None:
-            raise InvalidRequest("Send either grammar or a JSON response_format, not both.",
-                                 param="grammar")
+    def generate_request(self, prompts: tuple[gen.Prompt, ...], params: SamplingParams,
+                         id_prefix: str, spec: tools.ToolSpec | None = None
+                         ) -> gen.GenerationRequest:
         if self.grammar is not None:
             check_gbnf(self.grammar)
-            return self.grammar
-        return from_format
+        fmt = self.response_format.to_format() if self.response_format else None
+        sent = frozenset(_SENT[f] for f in self.model_fields_set if f in _SENT)
+        return gen.GenerationRequest(self.model, params, prompts, sent, fmt, spec,
+                                   self.keep_alive, self.cache_prompt, id_prefix)
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int, grammar: str | None = None) -> SamplingParams:
+                        top_logprobs: int) -> SamplingParams:
         bias = tuple((int(k), _clamp_bias(v)) for k, v in (self.logit_bias or {}).items())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -181,7 +185,7 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             n=self.n,
-            grammar=grammar,
+            grammar=self.grammar,
         )
 
 
@@ -192,23 +196,23 @@ def _clamp_bias(value: float) -> float:
     return value
 
 
-class FunctionDef(_Strict):
+class FunctionDef(StrictBody):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictBody):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictBody):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictBody):
     type: Literal["function"]
     function: NamedFunction
 
@@ -235,16 +239,21 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
         return self
 
-    def uses_tools(self) -> bool:
-        return bool(self.tools) and self.tool_choice != "none"
+    def tool_spec(self) -> tools.ToolSpec | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        choice = self.tool_choice
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+        defs = tuple(tools.ToolDef(t.function.name, t.function.description or "",
+                                   t.function.parameters) for t in self.tools)
+        return tools.ToolSpec(defs, name or "auto", self.parallel_tool_calls)
 
-    def to_sampling_params(self, grammar: str | None = None) -> SamplingParams:
-        return self.sampling_params(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs or 0,
-            grammar=grammar,
-        )
+    def to_generate(self) -> gen.GenerationRequest:
+        params = self.sampling_params(max_tokens=self.max_completion_tokens or self.max_tokens,
+                                      logprobs=self.logprobs,
+                                      top_logprobs=self.top_logprobs or 0)
+        prompt = gen.Prompt(messages=tuple(m.to_message() for m in self.messages))
+        return self.generate_request((prompt,), params, "chatcmpl-", self.tool_spec())
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
@@ -279,10 +288,10 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(
-            max_tokens=self.max_tokens,
-            logprobs=self.logprobs is not None,
-            top_logprobs=self.logprobs or 0,
-            grammar=self.output_grammar(),
-        )
+    def to_generate(self) -> gen.GenerationRequest:
+        params = self.sampling_params(max_tokens=self.max_tokens,
+                                      logprobs=self.logprobs is not None,
+                                      top_logprobs=self.logprobs or 0)
+        prompts = tuple(gen.Prompt(text=p) if isinstance(p, str) else gen.Prompt(tokens=tuple(p))
+                        for p in self.prompts())
+        return self.generate_request(prompts, params, "cmpl-")

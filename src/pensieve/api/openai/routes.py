@@ -1,53 +1,49 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, and
+llama-server's /tokenize and /detokenize.
+
+A streamed token costs one small JSON object: each stream renders its constant fields (id,
+model, ...) once, and every chunk is those bytes around the choice that changed.
+"""
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from pensieve.api.chat import render_prompt
+from pensieve.api.base import StrictBody
 from pensieve.api.errors import error_body
 from pensieve.api.generation import (
-    SSE_DONE,
-    Collected,
+    Choice,
+    Finish,
+    Finished,
     Generation,
-    ReleasingStreamingResponse,
-    TokenCounts,
-    close_all,
-    collect,
-    merged,
-    sse,
-    start_all,
-    until_disconnect,
+    TextDelta,
+    ToolCallEvent,
+    Usage,
+    start,
 )
-from pensieve.api.model_defaults import with_model_defaults
 from pensieve.api.openai.protocol import ChatCompletionRequest, CompletionRequest
-from pensieve.api.openai.tools import parse_reply, render_messages, tool_grammar
-from pensieve.engine.types import EngineRequest, SeqOutput, TokenLogprob
-from pensieve.errors import InvalidRequest, PensieveError
+from pensieve.api.streaming import SSE_DONE, dumps, event_stream, sse, until_disconnect
+from pensieve.api.tools import ToolCall
+from pensieve.engine.types import TokenLogprob
+from pensieve.errors import PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
 
 router = APIRouter()
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The one table from a finish to OpenAI's finish_reason.
+FINISH_REASONS = {Finish.END: "stop", Finish.STOP_STRING: "stop", Finish.LENGTH: "length",
+                  Finish.TOOL_CALLS: "tool_calls", Finish.ABORT: "abort",
+                  Finish.ERROR: "error"}
 
 
 def _runtime(request: Request) -> ModelRuntime:
     return request.app.state.runtime
-
-
-def _served(request: Request, model: str, keep_alive: object) -> ServedModel:
-    """The requested model; a `keep_alive` extension sets how long it stays loaded."""
-    runtime = _runtime(request)
-    served = runtime.get(model)
-    runtime.apply_keep_alive(served, keep_alive)
-    return served
 
 
 def _model_card(served: ServedModel) -> dict[str, Any]:
@@ -75,134 +71,110 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     return _model_card(_runtime(request).get(model_id))
 
 
+def _meta(gen: Generation) -> dict[str, Any]:
+    return {"id": gen.request_id, "created": int(time.time()), "model": gen.model,
+            "system_fingerprint": f"pensieve-{gen.model}"}
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.num_prompt_tokens,
+            "completion_tokens": usage.num_output_tokens,
+            "total_tokens": usage.num_total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.num_cached_tokens}}
+
+
+def _finish_reason(choice: Choice) -> str | None:
+    return FINISH_REASONS[choice.finish] if choice.finish is not None else None
+
+
+class _Chunks:
+    """Renders a stream's chunks: the constant head once, then one choice per chunk."""
+
+    def __init__(self, meta: dict[str, Any], kind: str) -> None:
+        head = dumps({**meta, "object": kind})
+        self._prefix = f"data: {head[:-1]},\"choices\":[".encode()
+
+    def choice(self, choice: dict[str, Any]) -> bytes:
+        return self._prefix + dumps(choice).encode() + b"]}\n\n"
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._prefix + b"]," + f"\"usage\":{dumps(_usage(usage))}}}\n\n".encode()
+
+
+async def _sse_stream(gen: Generation, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks, then [DONE]; an engine error ends the stream with an error event."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+        yield SSE_DONE
+    except PensieveError as exc:
+        yield sse(error_body(exc))
+    finally:
+        await gen.aclose()
+
+
 # --- chat ------------------------------------------------------------------------------------
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest,
                            request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
-    served = _served(request, body.model, body.keep_alive)
-    body = with_model_defaults(body, served.defaults)
-    info = await served.client.ensure_started()
-    prompt = render_prompt(info, render_messages(body), served.defaults)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    engine_req = EngineRequest(rid, body.to_sampling_params(_chat_grammar(body)), prompt=prompt,
-                               use_cache=body.cache_prompt)
-    gens = await start_all(served.client, [engine_req], body.n)
-    meta = {"id": rid, "created": int(time.time()), "model": served.name,
-            "system_fingerprint": _fingerprint(served)}
+    gen = await start(_runtime(request), body.to_generate())
     if body.stream:
-        render = _tool_choices(body.n) if body.uses_tools() else _text_choices
-        stream = _chat_stream(gens, meta, body.n, body.include_usage(), render)
-        return ReleasingStreamingResponse(stream, lambda: close_all(gens),
-                                          media_type="text/event-stream", headers=_SSE_HEADERS)
-    result = await until_disconnect(request, collect(merged(gens), body.n))
-    return JSONResponse(_chat_response(meta, result, gens, body.uses_tools()))
+        chunks = _chat_chunks(gen, body.include_usage())
+        return event_stream(_sse_stream(gen, chunks), gen.aclose)
+    choices = await until_disconnect(request, gen.collect())
+    return JSONResponse({**_meta(gen), "object": "chat.completion",
+                         "choices": [_chat_choice(i, c) for i, c in enumerate(choices)],
+                         "usage": _usage(gen.usage)})
 
 
-def _chat_grammar(body: ChatCompletionRequest) -> str | None:
-    if not body.uses_tools():
-        return body.output_grammar()
-    has_format = body.response_format is not None and body.response_format.type != "text"
-    if body.grammar is not None or has_format:
-        raise InvalidRequest("grammar and JSON response_format cannot be combined with tools; "
-                             "send tool_choice 'none' or drop them.", param="tools")
-    return tool_grammar(body)
+def _chat_choice(index: int, choice: Choice) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.tool_calls:
+        message["content"] = choice.text or None
+        message["tool_calls"] = [_tool_call(c) for c in choice.tool_calls]
+    logprobs = _chat_logprobs(choice.logprobs) if choice.logprobs else None
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": _finish_reason(choice)}
 
 
-def _chat_response(meta: dict[str, Any], result: Collected, gens: list[Generation],
-                   uses_tools: bool = False) -> dict[str, Any]:
-    choices = []
-    for i, text in enumerate(result.texts):
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        finish = result.finish_reasons[i]
-        if uses_tools:
-            reply = parse_reply(text)
-            message["content"] = reply.content
-            if reply.tool_calls:
-                message["tool_calls"] = reply.tool_calls
-                finish = "tool_calls"
-        choices.append({
-            "index": i,
-            "message": message,
-            "logprobs": _chat_logprobs(result.logprobs[i]) if result.logprobs[i] else None,
-            "finish_reason": finish,
-        })
-    return {**meta, "object": "chat.completion", "choices": choices,
-            "usage": _usage(gens, result.counts)}
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
-ChoiceRenderer = Callable[[SeqOutput], list[dict[str, Any]]]
+async def _chat_chunks(gen: Generation, include_usage: bool) -> AsyncIterator[bytes]:
+    chunks = _Chunks(_meta(gen), "chat.completion.chunk")
+    for i in range(gen.num_choices):
+        yield chunks.choice(_delta(i, {"role": "assistant", "content": ""}))
+    async for event in gen.events():
+        if isinstance(event, TextDelta):
+            if event.text or event.logprobs:
+                lp = _chat_logprobs(event.logprobs) if event.logprobs else None
+                content = {"content": event.text} if event.text else {}
+                yield chunks.choice(_delta(event.index, content, lp))
+        elif isinstance(event, ToolCallEvent):
+            for delta in _tool_call_deltas(event):
+                yield chunks.choice(_delta(event.index, delta))
+        else:
+            yield chunks.choice(_delta(event.index, {}, finish=event))
+    if include_usage:
+        yield chunks.usage(gen.usage)
 
 
-def _text_choices(out: SeqOutput) -> list[dict[str, Any]]:
-    """A plain answer streams as it comes: one chunk per output that says something."""
-    lp = _chat_logprobs(out.logprobs) if out.logprobs else None
-    if not (out.text or out.finish_reason is not None or lp):
-        return []
-    return [_chunk_choice(out.index, {"content": out.text} if out.text else {}, out, lp)]
+def _tool_call_deltas(event: ToolCallEvent) -> list[dict[str, Any]]:
+    """A call as OpenAI streams it: id and name first, then the arguments."""
+    call = event.call
+    head = {"index": event.position, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": ""}}
+    args = {"index": event.position, "function": {"arguments": call.arguments}}
+    return [{"tool_calls": [head]}, {"tool_calls": [args]}]
 
 
-def _tool_choices(n: int) -> ChoiceRenderer:
-    """Tool replies are JSON that only means something whole: each choice is collected, then
-    sent as OpenAI's deltas (content, or per call: id and name, then the arguments)."""
-    texts: list[str] = [""] * n
-    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
-
-    def render(out: SeqOutput) -> list[dict[str, Any]]:
-        texts[out.index] += out.text
-        logprobs[out.index].extend(out.logprobs or [])
-        if out.finish_reason is None:
-            return []
-        return _tool_chunks(out, texts[out.index], logprobs[out.index])
-    return render
-
-
-def _tool_chunks(out: SeqOutput, text: str,
-                 logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
-    reply = parse_reply(text)
-    lp = _chat_logprobs(logprobs) if logprobs else None
-    chunks = []
-    if reply.content:
-        chunks.append(_chunk_choice(out.index, {"content": reply.content}, None, lp))
-    for k, call in enumerate(reply.tool_calls):
-        head = {"index": k, "id": call["id"], "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": ""}}
-        args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
-        first_lp = None if chunks else lp  # logprobs ride on the choice's first chunk
-        chunks.append(_chunk_choice(out.index, {"tool_calls": [head]}, None, first_lp))
-        chunks.append(_chunk_choice(out.index, {"tool_calls": [args]}))
-    last = _chunk_choice(out.index, {}, out)
-    if reply.tool_calls:
-        last["finish_reason"] = "tool_calls"
-    chunks.append(last)
-    return chunks
-
-
-async def _chat_stream(gens: list[Generation], meta: dict[str, Any], n: int,
-                       include_usage: bool, render: ChoiceRenderer) -> AsyncIterator[bytes]:
-    base = {**meta, "object": "chat.completion.chunk"}
-    counts = TokenCounts()
-    outputs = merged(gens)
-    try:
-        for i in range(n):
-            yield sse({**base, "choices": [_chunk_choice(i, {"role": "assistant", "content": ""})]})
-        async for out in outputs:
-            counts.observe(out)
-            for choice in render(out):
-                yield sse({**base, "choices": [choice]})
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
-        yield SSE_DONE
-    except PensieveError as exc:
-        yield sse(error_body(exc))
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
-
-
-def _chunk_choice(index: int, delta: dict[str, Any], out: SeqOutput | None = None,
-                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    finish = str(out.finish_reason) if out is not None and out.finish_reason else None
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+def _delta(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
+           finish: Finished | None = None) -> dict[str, Any]:
+    reason = FINISH_REASONS[finish.reason] if finish is not None else None
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 
 def _chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -226,64 +198,40 @@ def _token_fields(token: bytes, logprob: float) -> dict[str, Any]:
 async def completions(body: CompletionRequest,
                       request: Request) -> JSONResponse | StreamingResponse:
     body.warn_unknown_fields()
-    served = _served(request, body.model, body.keep_alive)
-    body = with_model_defaults(body, served.defaults)
-    await served.client.ensure_started()
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    params = body.to_sampling_params()
-    prompts = body.prompts()
-    engine_reqs = [
-        EngineRequest(f"{rid}-{i}", params, prompt=p, use_cache=body.cache_prompt)
-        if isinstance(p, str)
-        else EngineRequest(f"{rid}-{i}", params, prompt_tokens=tuple(p),
-                           use_cache=body.cache_prompt)
-        for i, p in enumerate(prompts)
-    ]
-    gens = await start_all(served.client, engine_reqs, body.n)
-    meta = {"id": rid, "created": int(time.time()), "model": served.name,
-            "system_fingerprint": _fingerprint(served)}
-    echoes = [p if body.echo and isinstance(p, str) else "" for p in prompts]
-    num_choices = len(prompts) * body.n
+    gen = await start(_runtime(request), body.to_generate())
+    echoes = [p if body.echo and isinstance(p, str) else "" for p in body.prompts()
+              for _ in range(body.n)]
     if body.stream:
-        stream = _completion_stream(gens, meta, num_choices, body, echoes)
-        return ReleasingStreamingResponse(stream, lambda: close_all(gens),
-                                          media_type="text/event-stream", headers=_SSE_HEADERS)
-    result = await until_disconnect(request, collect(merged(gens), num_choices))
-    choices = []
-    for i, text in enumerate(result.texts):
-        lp = result.logprobs[i]
-        choices.append({"index": i, "text": echoes[i // body.n] + text,
-                        "logprobs": _completion_logprobs(lp) if body.logprobs is not None else None,
-                        "finish_reason": result.finish_reasons[i]})
-    return JSONResponse({**meta, "object": "text_completion", "choices": choices,
-                         "usage": _usage(gens, result.counts)})
+        chunks = _completion_chunks(gen, echoes, body.include_usage())
+        return event_stream(_sse_stream(gen, chunks), gen.aclose)
+    choices = await until_disconnect(request, gen.collect())
+    with_logprobs = body.logprobs is not None
+    return JSONResponse({**_meta(gen), "object": "text_completion", "usage": _usage(gen.usage),
+                         "choices": [{"index": i, "text": echoes[i] + c.text,
+                                      "logprobs": _completion_logprobs(c.logprobs)
+                                      if with_logprobs else None,
+                                      "finish_reason": _finish_reason(c)}
+                                     for i, c in enumerate(choices)]})
 
 
-async def _completion_stream(gens: list[Generation], meta: dict[str, Any], num_choices: int,
-                             body: CompletionRequest, echoes: list[str]) -> AsyncIterator[bytes]:
-    base = {**meta, "object": "text_completion"}
-    counts = TokenCounts()
-    echoed = [False] * num_choices
-    outputs = merged(gens)
-    try:
-        async for out in outputs:
-            i = out.index
-            counts.observe(out)
-            text = out.text
-            if not echoed[i]:
-                text, echoed[i] = echoes[i // body.n] + text, True
-            lp = _completion_logprobs(out.logprobs) if out.logprobs else None
-            if text or out.finish_reason is not None or lp:
-                finish = str(out.finish_reason) if out.finish_reason else None
-                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-                yield sse({**base, "choices": [choice]})
-        if body.include_usage():
-            yield sse({**base, "choices": [], "usage": _usage(gens, counts)})
-        yield SSE_DONE
-    except PensieveError as exc:
-        yield sse(error_body(exc))
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
+async def _completion_chunks(gen: Generation, echoes: list[str],
+                             include_usage: bool) -> AsyncIterator[bytes]:
+    chunks = _Chunks(_meta(gen), "text_completion")
+    pending = list(echoes)  # each choice's echo goes out with its first chunk
+    async for event in gen.events():
+        i = event.index
+        text, lp, reason = "", None, None
+        if isinstance(event, TextDelta):
+            text = event.text
+            lp = _completion_logprobs(event.logprobs) if event.logprobs else None
+        elif isinstance(event, Finished):
+            reason = FINISH_REASONS[event.reason]
+        text, pending[i] = pending[i] + text, ""
+        if text or lp or reason:
+            yield chunks.choice({"index": i, "text": text, "logprobs": lp,
+                                 "finish_reason": reason})
+    if include_usage:
+        yield chunks.usage(gen.usage)
 
 
 def _completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -301,28 +249,14 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-# --- shared ----------------------------------------------------------------------------------
-def _usage(gens: list[Generation], counts: TokenCounts) -> dict[str, Any]:
-    prompt = sum(g.num_prompt_tokens for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": counts.num_output,
-            "total_tokens": prompt + counts.num_output,
-            "prompt_tokens_details": {"cached_tokens": counts.num_cached}}
-
-
-def _fingerprint(served: ServedModel) -> str:
-    return f"pensieve-{served.name}"
-
-
-# --- llama-server style tokenizer endpoint ---------------------------------------------------
-class TokenizeBody(BaseModel):
-    model_config = ConfigDict(strict=True)
+# --- llama-server style tokenizer endpoints ---------------------------------------------------
+class TokenizeBody(StrictBody):
     content: str = Field(max_length=1 << 22)
     model: str | None = None
     add_special: bool = False
 
 
-class DetokenizeBody(BaseModel):
-    model_config = ConfigDict(strict=True)
+class DetokenizeBody(StrictBody):
     tokens: list[int] = Field(max_length=1 << 20)
     model: str | None = None
 

@@ -1,0 +1,154 @@
+"""Tool calling with a generic, grammar-constrained JSON convention (as llama-server's generic
+format), for chat templates that have no tool convention of their own; family-neutral.
+
+The tools are described in the system prompt; the model answers with one JSON object, either
+`{"tool_calls": [{"name": ..., "arguments": {...}}]}` or `{"response": "..."}`. A grammar built
+from the tools' parameter schemas enforces that shape, so arguments are always valid JSON (and
+follow their schema where Pensieve can enforce it). The choice picks the alternatives: `auto`
+both, `required` calls only, a named function calls to that function only (`none` offers no
+tools at all: the family leaves the spec out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pensieve.structured import UnsupportedSchema, grammar_for_json_schema
+
+log = logging.getLogger("pensieve.api.tools")
+
+_INSTRUCTIONS = """You can call the following tools. Each is given as a JSON object with its name, \
+description and the JSON schema of its arguments:
+{tools}
+
+Answer with one JSON object and nothing else. To call tools: \
+{{"tool_calls": [{{"name": "<tool name>", "arguments": {{<arguments>}}}}]}}.{direct}"""
+_DIRECT = ' To answer the user directly instead: {"response": "<your answer>"}.'
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDef:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """Offered tools. `choice`: "auto", "required", or the one tool's name that must be called."""
+
+    tools: tuple[ToolDef, ...]
+    choice: str = "auto"
+    parallel: bool = True
+
+    @property
+    def offered(self) -> tuple[ToolDef, ...]:
+        if self.choice in ("auto", "required"):
+            return self.tools
+        return tuple(t for t in self.tools if t.name == self.choice)
+
+    @property
+    def may_answer(self) -> bool:
+        return self.choice == "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedReply:
+    """One choice's output, read under the convention."""
+
+    content: str | None
+    tool_calls: list[ToolCall]
+
+
+def with_instructions(messages: list[dict[str, Any]], spec: ToolSpec) -> list[dict[str, Any]]:
+    """The template messages with the tools described in the (first) system message."""
+    system = _system_text(spec)
+    if messages and messages[0]["role"] in ("system", "developer"):
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{system}"},
+                *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
+def render_turn(role: str, content: str, calls: tuple[ToolCall, ...],
+                call_id: str | None) -> dict[str, Any]:
+    """A past call (assistant) or a call's result (tool) as a template message."""
+    if role == "tool":
+        reply = {"tool_call_id": call_id, "content": _loads_or_text(content)}
+        return {"role": "tool", "content": json.dumps({"tool_response": reply})}
+    past = [{"name": c.name, "arguments": _loads_or_text(c.arguments)} for c in calls]
+    return {"role": role, "content": json.dumps({"tool_calls": past})}
+
+
+def _loads_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _system_text(spec: ToolSpec) -> str:
+    described = [{"name": t.name, "description": t.description,
+                  "parameters": t.parameters or {"type": "object"}} for t in spec.offered]
+    return _INSTRUCTIONS.format(tools="\n".join(json.dumps(t) for t in described),
+                                direct=_DIRECT if spec.may_answer else "")
+
+
+def grammar(spec: ToolSpec) -> str:
+    """GBNF for the reply: tool calls (and, under `auto`, a direct response)."""
+    call_array: dict[str, Any] = {
+        "type": "array", "minItems": 1,
+        "items": {"anyOf": [_call_schema(t) for t in spec.offered]},
+    }
+    if not spec.parallel:
+        call_array["maxItems"] = 1
+    calls = {"type": "object", "properties": {"tool_calls": call_array},
+             "required": ["tool_calls"]}
+    if not spec.may_answer:
+        return grammar_for_json_schema(calls)
+    response = {"type": "object", "properties": {"response": {"type": "string"}},
+                "required": ["response"]}
+    return grammar_for_json_schema({"anyOf": [calls, response]})
+
+
+def _call_schema(tool: ToolDef) -> dict[str, Any]:
+    params = tool.parameters or {"type": "object"}
+    try:
+        grammar_for_json_schema(params)
+    except UnsupportedSchema as exc:
+        # Arguments still come out as a valid JSON object; only this schema's detail is lost.
+        log.warning("tool %r: %s; its arguments are constrained to any JSON object",
+                    tool.name, exc.message)
+        params = {"type": "object"}
+    return {"type": "object", "properties": {"name": {"const": tool.name},
+                                             "arguments": params},
+            "required": ["name", "arguments"]}
+
+
+def parse_reply(text: str) -> ParsedReply:
+    """Read a reply: tool calls, a direct response, or (not in the convention) plain text."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ParsedReply(text, [])
+    if isinstance(data, dict) and isinstance(data.get("tool_calls"), list):
+        calls = [_call(c) for c in data["tool_calls"] if isinstance(c, dict)]
+        return ParsedReply(None, calls)
+    if isinstance(data, dict) and isinstance(data.get("response"), str):
+        return ParsedReply(data["response"], [])
+    return ParsedReply(text, [])
+
+
+def _call(call: dict[str, Any]) -> ToolCall:
+    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", str(call.get("name", "")),
+                    json.dumps(call.get("arguments", {})))
