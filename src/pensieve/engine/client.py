@@ -16,7 +16,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Protocol
@@ -56,6 +56,9 @@ log = logging.getLogger("pensieve.client")
 
 _LOAD_TIMEOUT_S = 300.0
 _STOP_TIMEOUT_S = 10.0
+
+# An async generator (not just an iterator), so callers can aclose() it to abort the request.
+RequestOutputs = AsyncGenerator[SeqOutput | RequestAccepted, None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +274,7 @@ class EngineClient:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns():x}"
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[SeqOutput | RequestAccepted]:
+    async def generate(self, request: EngineRequest) -> RequestOutputs:
         """Stream a request's outputs: first `RequestAccepted`, then `SeqOutput`s of all choices.
 
         Leaving the iteration early (the client went away) aborts the request in the worker.
@@ -303,7 +306,7 @@ class EngineClient:
             return request
         return replace(request, params=replace(request.params, max_tokens=cap))
 
-    async def _run(self, request: EngineRequest) -> AsyncIterator[SeqOutput | RequestAccepted]:
+    async def _run(self, request: EngineRequest) -> RequestOutputs:
         stream: asyncio.Queue[object] = asyncio.Queue()
         rid = request.request_id
         self._streams[rid] = stream
@@ -325,7 +328,7 @@ class EngineClient:
                 if isinstance(item, SeqOutput):
                     timing.observe(item)
                     num_open -= item.finish_reason is not None
-                yield item  # type: ignore[misc]
+                yield item  # type: ignore[misc]  # _raise_for raised for every other kind
         finally:
             if deadline is not None:
                 deadline.cancel()
