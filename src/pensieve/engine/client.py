@@ -16,7 +16,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Protocol
@@ -361,7 +361,7 @@ class EngineClient:
         assert isinstance(result, MemoryResult)
         return result
 
-    async def embed(self, inputs: list[str | list[int]], *, truncate: bool = True
+    async def embed(self, inputs: Sequence[str | Sequence[int]], *, truncate: bool = True
                     ) -> EmbedResult:
         """One normalized vector per input, computed in the worker together with any other
         embeddings requests of the same step. Bad input raises InvalidRequest (a 400)."""

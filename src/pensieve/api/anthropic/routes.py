@@ -33,7 +33,8 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+    runtime: ModelRuntime = request.app.state.runtime
+    return runtime
 
 
 @router.post("/v1/messages", response_model=None)

@@ -34,7 +34,8 @@ _FIM_KEYS = (("fim_pre", "prefix"), ("fim_suf", "suffix"), ("fim_mid", "middle")
 
 
 def _runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+    runtime: ModelRuntime = request.app.state.runtime
+    return runtime
 
 
 def _now() -> str:

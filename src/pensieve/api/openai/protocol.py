@@ -275,9 +275,10 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        tokens = [x for x in p if isinstance(x, int)]
+        if p and len(tokens) == len(p):  # one prompt of token ids (pydantic: never mixed)
+            return [tokens]
+        return [x for x in p if not isinstance(x, int)]
 
     def to_sampling_params(self) -> SamplingParams:
         return self.sampling_params(

@@ -39,7 +39,8 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+    runtime: ModelRuntime = request.app.state.runtime
+    return runtime
 
 
 def _served(request: Request, model: str, keep_alive: object) -> ServedModel:
