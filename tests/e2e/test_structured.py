@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support.server import MODEL
 from tests.support.schemas import SCHEMAS, UNSUPPORTED
+from tests.support.server import MODEL
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ import pytest
 from openai import OpenAI
 
 from pensieve.config import default_data_dir
-from tests.support.gemma_model import ensure_gemma
 from pensieve.store.store import ModelStore
+from tests.support.gemma_model import ensure_gemma
 from tests.support.server import MODEL, Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
