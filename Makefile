@@ -46,8 +46,10 @@ test: install-test chromium
 docs: install
 	$(BIN)/python -m pensieve.config_docs docs/configuration.md
 
+# ruff on everything; mypy (configured in pyproject.toml) on src/pensieve.
 lint: install-test
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -16,7 +16,7 @@ from rich.table import Table
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-def add_cache_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cache = sub.add_parser("cache", help="List, inspect and delete remembered conversations")
     cache.add_argument("--url", default=os.environ.get("PENSIEVE_URL", DEFAULT_URL),
                        help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
@@ -53,9 +53,11 @@ def _request(method: str, url: str) -> dict[str, Any]:
     req = urllib.request.Request(url, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - user-given URL
-            return json.loads(resp.read())
+            reply: dict[str, Any] = json.loads(resp.read())
+            return reply
     except urllib.error.HTTPError as exc:
-        return json.loads(exc.read() or b"{}") or {"error": {"message": str(exc)}}
+        error: dict[str, Any] = json.loads(exc.read() or b"{}") or {"error": {"message": str(exc)}}
+        return error
 
 
 def _table(body: dict[str, Any]) -> Table:

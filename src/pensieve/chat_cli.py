@@ -29,7 +29,7 @@ RUN_DESCRIPTION = (
     "embedded default model).")
 
 
-def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", description=RUN_DESCRIPTION,
                          help="Chat with a model in the terminal (or answer one prompt)")
     _add_run_arguments(run)
@@ -147,7 +147,8 @@ def connect(args: argparse.Namespace, console: Console) -> Connection:
 
 def _server_url(args: argparse.Namespace) -> str:
     if args.url:
-        return args.url
+        url: str = args.url
+        return url
     if args.host or args.port:
         return f"http://{args.host or '127.0.0.1'}:{args.port or 8080}"
     return os.environ.get("PENSIEVE_URL") or DEFAULT_URL

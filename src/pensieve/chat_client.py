@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ class ChatClient:
         _raise_for_error(resp)
         return [m["id"] for m in resp.json()["data"]]
 
-    def stream_chat(self, body: dict[str, Any], stats: AnswerStats) -> Iterator[str]:
+    def stream_chat(self, body: dict[str, Any], stats: AnswerStats) -> Generator[str, None, None]:
         """Yield the answer's text pieces; fill `stats` as the stream goes."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         started, first = time.monotonic(), None
@@ -142,7 +142,8 @@ def _raise_for_error(resp: httpx.Response) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass(slots=True)

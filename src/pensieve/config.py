@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -247,18 +247,18 @@ def memory_budget_bytes(settings: Settings) -> int:
     return total * 3 // 4
 
 
-def load_settings(overrides: dict[str, object], config_file: Path | None = None) -> Settings:
+def load_settings(overrides: dict[str, Any], config_file: Path | None = None) -> Settings:
     """Build settings from CLI overrides, the environment and an optional TOML file."""
     config_file = config_file or _env_config_file()
     if config_file is None:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     if not config_file.is_file():
         raise FileNotFoundError(f"config file not found: {config_file}")
 
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(toml_file=config_file)
 
-    return _FileSettings(**overrides)  # type: ignore[arg-type]
+    return _FileSettings(**overrides)
 
 
 def _env_config_file() -> Path | None:

@@ -39,7 +39,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 COMMANDS = ("pull", "import", "list", "show", "rm", "cp", "ps")
 
 
-def add_models_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_models_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     store_flags = argparse.ArgumentParser(add_help=False)
     store_flags.add_argument("--data-dir", type=Path, default=None,
                              help="Pensieve's data folder [env PENSIEVE_DATA_DIR]")
@@ -86,7 +86,7 @@ def run_models(args: argparse.Namespace, console: Console) -> int:
 def _open_store(args: argparse.Namespace) -> ModelStore:
     overrides = {k: v for k in ("data_dir", "models_dir")
                  if (v := getattr(args, k, None)) is not None}
-    return ModelStore(store_dir(Settings(**overrides)))  # type: ignore[arg-type]
+    return ModelStore(store_dir(Settings(**overrides)))
 
 
 def _pull(store: ModelStore, args: argparse.Namespace, console: Console) -> int:

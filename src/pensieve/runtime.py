@@ -132,8 +132,8 @@ class ModelRuntime:
         served = self._models.get(name)
         if served is not None:
             return served
-        if not isinstance(name, str) or not name:
-            raise ModelNotFound(str(name), self.names())
+        if not name:
+            raise ModelNotFound(name, self.names())
         try:
             canonical = str(parse_name(name))
         except InvalidRequest:
@@ -269,9 +269,6 @@ class ModelRuntime:
             if client.num_in_flight == 0 and idle_s >= served.keep_alive \
                     and await client.stop_if_idle():
                 log.info("unloaded %s: idle for %.0fs (keep_alive)", served.name, idle_s)
-
-    async def unload(self, served: ServedModel) -> None:
-        await served.client.stop()
 
     # --- whole server ----------------------------------------------------------------------
     async def start_all(self) -> None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llama_cpp.llama_grammar import PRIMITIVE_RULES, SchemaConverter
+from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
 
 from pensieve.errors import InvalidRequest
 
@@ -337,13 +337,29 @@ def rewrite_pattern(pattern: str) -> str | None:
     return "".join(out)
 
 
-class _Converter(SchemaConverter):
+if TYPE_CHECKING:
+    class _SchemaConverter:
+        """What this module uses of llama-cpp-python's SchemaConverter, which is unannotated."""
+
+        def __init__(self, *, prop_order: dict[str, int], allow_fetch: bool, dotall: bool,
+                     raw_pattern: bool) -> None: ...
+        def resolve_refs(self, schema: dict[str, Any], url: str) -> dict[str, Any]: ...
+        def visit(self, schema: dict[str, Any], name: str) -> str: ...
+        def format_grammar(self) -> str: ...
+        def _add_rule(self, name: str, rule: str) -> str: ...
+        def _add_primitive(self, name: str, rule: BuiltinRule) -> str: ...
+        def _generate_union_rule(self, name: str, alt_schemas: list[dict[str, Any]]) -> str: ...
+else:
+    _SchemaConverter = SchemaConverter
+
+
+class _Converter(_SchemaConverter):
     """llama-cpp-python's converter plus bounds, `{}` as any value and multi-type schemas."""
 
     def __init__(self) -> None:
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
-    def visit(self, schema: dict[str, Any], name: str) -> str:  # type: ignore[override]
+    def visit(self, schema: dict[str, Any], name: str) -> str:
         rule_name = name or "root"
         kind = schema.get("type")
         keys = set(schema) - _ANNOTATIONS
@@ -364,7 +380,7 @@ class _Converter(SchemaConverter):
         # The converter's "dot" lets raw quotes and control characters into a JSON string.
         return super()._add_rule(name, _SAFE_DOT if name == "dot" else rule)
 
-    def _add_primitive(self, name: str, rule: Any) -> str:
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
         if name == "char":  # the same for its string characters
             return self._add_rule("char", _SAFE_CHAR)
         return super()._add_primitive(name, rule)

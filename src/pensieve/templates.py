@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from pensieve.errors import InvalidRequest
@@ -162,5 +162,5 @@ _ENV = _make_env()
 
 
 @functools.lru_cache(maxsize=32)
-def _compile(source: str):  # noqa: ANN202 - jinja2.Template
+def _compile(source: str) -> Template:
     return _ENV.from_string(source)

@@ -66,19 +66,9 @@ def error_response(path: str, status: int, message: str, *,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
 def error_body(exc: PensieveError) -> dict[str, object]:
     return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param,
                       "code": exc.code}}
-
-
-def error_from_exception(exc: PensieveError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.status_code)
 
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -16,7 +16,7 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Protocol
@@ -56,6 +56,9 @@ log = logging.getLogger("pensieve.client")
 
 _LOAD_TIMEOUT_S = 300.0
 _STOP_TIMEOUT_S = 10.0
+
+# An async generator (not just an iterator), so callers can aclose() it to abort the request.
+RequestOutputs = AsyncGenerator[SeqOutput | RequestAccepted, None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +274,7 @@ class EngineClient:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns():x}"
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[SeqOutput | RequestAccepted]:
+    async def generate(self, request: EngineRequest) -> RequestOutputs:
         """Stream a request's outputs: first `RequestAccepted`, then `SeqOutput`s of all choices.
 
         Leaving the iteration early (the client went away) aborts the request in the worker.
@@ -356,7 +359,7 @@ class EngineClient:
         assert isinstance(result, MemoryResult)
         return result
 
-    async def embed(self, inputs: list[str | list[int]], *, truncate: bool = True
+    async def embed(self, inputs: Sequence[str | Sequence[int]], *, truncate: bool = True
                     ) -> EmbedResult:
         """One normalized vector per input, computed in the worker together with any other
         embeddings requests of the same step. Bad input raises InvalidRequest (a 400)."""

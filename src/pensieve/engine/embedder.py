@@ -8,6 +8,7 @@ pooled vector is read back and L2-normalized, as OpenAI's embeddings are.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp as C
@@ -39,7 +40,8 @@ def model_pooling(model: Model) -> int:
 
 
 class Embedder:
-    def __init__(self, model: Model, n_threads: int, tokenize) -> None:  # noqa: ANN001
+    def __init__(self, model: Model, n_threads: int,
+                 tokenize: Callable[[str, bool], list[int]]) -> None:
         self.model = model
         self.n_embd = model.n_embd()
         self.n_ctx = min(MAX_EMBED_TOKENS, model.n_ctx_train() or MAX_EMBED_TOKENS)
@@ -68,13 +70,8 @@ class Embedder:
             else:
                 inputs.extend(prepared)
         self._run(inputs)
-        for i, req in enumerate(requests):
-            if replies[i] is None:
-                mine = [x for x in inputs if x.owner == i]
-                replies[i] = EmbedResult(req.request_id,
-                                         [x.vector.tolist() for x in mine],  # type: ignore[union-attr]
-                                         sum(len(x.tokens) for x in mine))
-        return replies  # type: ignore[return-value]
+        return [reply if reply is not None else _result(req, [x for x in inputs if x.owner == i])
+                for i, (req, reply) in enumerate(zip(requests, replies, strict=True))]
 
     def _prepare(self, owner: int, req: EmbedRequest) -> list[_Input] | RequestRejected:
         prepared = []
@@ -122,3 +119,11 @@ class Embedder:
                 item.vector = vector / norm if norm > 0 else vector
         finally:
             self.ctx.clear()
+
+
+def _result(req: EmbedRequest, mine: list[_Input]) -> EmbedResult:
+    vectors = []
+    for item in mine:
+        assert item.vector is not None  # _run embedded every input
+        vectors.append(item.vector.tolist())
+    return EmbedResult(req.request_id, vectors, sum(len(x.tokens) for x in mine))

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,7 @@ class Engine:
     def memory_entries(self) -> list[dict[str, object]]:
         """Every remembered prefix, by key, with the tiers holding it (no text)."""
         now = time.monotonic()
-        by_key: dict[str, dict[str, object]] = {}
+        by_key: dict[str, dict[str, Any]] = {}  # JSON rows
         for key, num_tokens in self.cache.entries():
             by_key[key] = {"key": key, "num_tokens": num_tokens, "tiers": ["live"]}
         tier_entries = self.tiers.entries() if self.tiers is not None else {}
@@ -129,11 +130,11 @@ class Engine:
             for key, num_tokens, num_bytes, last_used in rows:
                 entry = by_key.setdefault(key, {"key": key, "num_tokens": num_tokens,
                                                 "tiers": []})
-                entry["tiers"].append(tier)  # type: ignore[union-attr]
+                entry["tiers"].append(tier)
                 entry[f"{tier}_bytes"] = num_bytes
                 if last_used:
                     entry["idle_s"] = round(now - last_used, 1)
-        return sorted(by_key.values(), key=lambda e: -int(e["num_tokens"]))  # type: ignore[arg-type]
+        return sorted(by_key.values(), key=lambda e: -int(e["num_tokens"]))
 
     def memory_delete(self, key: str | None) -> int:
         """Forget one prefix (or everything, with None) in every tier; returns entries removed."""

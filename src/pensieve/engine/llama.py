@@ -32,14 +32,13 @@ def init_backend() -> None:
     global _log_callback_ref
     native = logging.getLogger("pensieve.llama.native")
 
-    @C.llama_log_callback
     def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         message = text.decode("utf-8", errors="replace").rstrip()
         if message:
             native.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", message)
 
-    _log_callback_ref = _on_log
-    C.llama_log_set(_on_log, ctypes.c_void_p(0))
+    _log_callback_ref = callback = C.llama_log_callback(_on_log)
+    C.llama_log_set(callback, ctypes.c_void_p(0))
     C.llama_backend_init()
 
 
@@ -267,7 +266,7 @@ class Context:
     def state_set(self, seq_id: int, data: bytes) -> bool:
         """Load a state saved by `state_get` into `seq_id`; False if llama.cpp refused it."""
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        return C.llama_state_seq_set_data(self.handle, buf, len(data), seq_id) > 0
+        return int(C.llama_state_seq_set_data(self.handle, buf, len(data), seq_id)) > 0
 
 
 class Batch:
@@ -287,13 +286,13 @@ class Batch:
         self._seq_ptrs = (ctypes.POINTER(C.llama_seq_id) * capacity)(
             *[ctypes.cast(base + 4 * i, ctypes.POINTER(C.llama_seq_id)) for i in range(capacity)]
         )
-        self.struct = C.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(C.llama_token))
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = self._seq_ptrs
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        # Pointer fields set through the constructor: llama_cpp's stubs type them as arrays.
+        self.struct = C.llama_batch(
+            token=self.token.ctypes.data_as(ctypes.POINTER(C.llama_token)), embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
         self.num_tokens = 0
 
     def clear(self) -> None:
@@ -335,7 +334,7 @@ class Sampler:
     def __init__(self, model: Model, params: SamplingParams, seed: int) -> None:
         chain_params = C.llama_sampler_chain_default_params()
         chain_params.no_perf = True
-        self.grammar = None
+        self.grammar: C.llama_sampler_p | None = None
         self.handle = C.llama_sampler_chain_init(chain_params)
         if not self.handle:
             raise LlamaError("could not create a sampler chain")
@@ -357,8 +356,8 @@ class Sampler:
         self._ids = np.arange(model.n_vocab, dtype=np.int32)
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._arr = C.llama_token_data_array()
-        self._one_arr = C.llama_token_data_array()
-        self._one_arr.data = self._one.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+        self._one_arr = C.llama_token_data_array(  # as Batch: the stub types `data` as an array
+            data=self._one.ctypes.data_as(ctypes.POINTER(C.llama_token_data)))
         self._eos = model.eos
 
     def sample(self, ctx: Context, idx: int) -> int:
@@ -383,7 +382,8 @@ class Sampler:
         cand["logit"] = logits
         cand["p"] = 0.0
         arr = self._arr
-        arr.data = cand.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+        # A pointer field that llama_cpp's stub types as an array (C: llama_token_data * data).
+        arr.data = cand.ctypes.data_as(ctypes.POINTER(C.llama_token_data))  # type: ignore[assignment]
         arr.size, arr.selected, arr.sorted = len(cand), -1, False
         if constrained:
             C.llama_sampler_apply(self.grammar, ctypes.byref(arr))

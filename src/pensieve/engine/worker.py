@@ -17,10 +17,14 @@ from pensieve.engine.llama import init_backend
 from pensieve.engine.types import (
     AbortRequest,
     DetokenizeRequest,
+    DetokenizeResult,
     EmbedRequest,
+    EmbedResult,
     EngineRequest,
     MemoryRequest,
     MemoryResult,
+    RequestAccepted,
+    RequestRejected,
     Shutdown,
     StepOutput,
     TokenizeRequest,
@@ -59,10 +63,15 @@ def run_worker(conn: Connection, config: EngineConfig, log_level: int,
         engine.close()
 
 
+# A step's answers to requests (besides sequence outputs), sent in arrival order.
+_Reply = (RequestAccepted | RequestRejected | TokenizeResult | DetokenizeResult | MemoryResult
+          | EmbedResult)
+
+
 def _serve(conn: Connection, engine: Engine) -> None:
     num_steps = 0
     while True:
-        replies: list = []
+        replies: list[_Reply] = []
         embeds: list[EmbedRequest] = []  # served together, after everything received
         num_received = 0
         timeout: float | None = 0.0 if engine.has_work() else None
@@ -87,7 +96,7 @@ def _serve(conn: Connection, engine: Engine) -> None:
                                  engine.num_batch_tokens, memory))
 
 
-def _handle(engine: Engine, msg: object) -> object | None:
+def _handle(engine: Engine, msg: object) -> _Reply | None:
     if isinstance(msg, EngineRequest):
         return engine.add_request(msg)
     if isinstance(msg, AbortRequest):

@@ -116,7 +116,7 @@ class LiveCache:
         restored = self._restore(want, live_len)
         if restored is not None:
             return restored
-        if own_len >= src_len and own_len > 0:
+        if own_id is not None and own_len >= src_len:  # own_len > 0 exactly when own_id is set
             seq_id = self._take(own_id)
             self.kv.seq_remove(seq_id, own_len, -1)
             return self._record(Acquired(seq_id, own_len, "live"))
@@ -179,9 +179,9 @@ class LiveCache:
         self._drop(self._least_valuable(self._retained))
         return True
 
-    def _least_valuable(self, seq_ids: object) -> int:
+    def _least_valuable(self, seq_ids: Iterable[int]) -> int:
         now = time.monotonic()
-        return min(seq_ids, key=lambda i: self._retained[i].retention_value(now))  # type: ignore
+        return min(seq_ids, key=lambda i: self._retained[i].retention_value(now))
 
     def clear(self) -> None:
         for seq_id in list(self._retained):

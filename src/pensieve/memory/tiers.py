@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class DiskTier:
         self.budget_bytes = budget_bytes
         self._entries: dict[str, _DiskEntry] = {}
         self._lock = threading.Lock()
-        self._writes: queue.SimpleQueue[Snapshot | None] = queue.SimpleQueue()
+        self._writes: queue.SimpleQueue[Snapshot | _Barrier | None] = queue.SimpleQueue()
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
                                          name="pensieve-disk-tier")
@@ -193,7 +194,7 @@ class DiskTier:
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued snapshot is on disk."""
         done = threading.Event()
-        self._writes.put(_Barrier(done))  # type: ignore[arg-type]
+        self._writes.put(_Barrier(done))
         done.wait(timeout)
 
     def close(self) -> None:
@@ -296,7 +297,7 @@ class _Barrier:
     done: threading.Event
 
 
-def _split(raw: bytes, namespace: str) -> tuple[dict, int] | None:
+def _split(raw: bytes, namespace: str) -> tuple[dict[str, Any], int] | None:
     if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + _HEADER_LEN.size:
         return None
     (header_len,) = _HEADER_LEN.unpack_from(raw, len(MAGIC))
@@ -312,7 +313,7 @@ def _split(raw: bytes, namespace: str) -> tuple[dict, int] | None:
     return header, start + header_len
 
 
-def _read_header(path: Path, namespace: str) -> tuple[np.ndarray, dict] | None:
+def _read_header(path: Path, namespace: str) -> tuple[np.ndarray, dict[str, Any]] | None:
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + _HEADER_LEN.size + _MAX_HEADER)

@@ -180,6 +180,7 @@ class _Parser:
     def scalar(self, fmt: str, what: str) -> int | float | bool:
         num_bytes = struct.calcsize(fmt)
         self.need(num_bytes, what)
+        value: int | float | bool
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += num_bytes
         return value

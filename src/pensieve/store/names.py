@@ -34,8 +34,9 @@ class ModelName:
         return (*self.name.split("/"), self.tag)
 
 
-def parse_name(text: str) -> ModelName:
-    """`owner/model:tag` -> ModelName; InvalidRequest for anything that is not a safe name."""
+def parse_name(text: object) -> ModelName:
+    """`owner/model:tag` -> ModelName; InvalidRequest for anything that is not a safe name
+    (including a value that is not a string at all, as JSON may hold)."""
     if not isinstance(text, str) or not text or len(text) > 300:
         raise InvalidRequest("A model name must be a non-empty string of at most 300 "
                              "characters.", param="model")
@@ -51,15 +52,7 @@ def parse_name(text: str) -> ModelName:
     return ModelName(name, tag)
 
 
-def is_valid_name(text: str) -> bool:
-    try:
-        parse_name(text)
-    except InvalidRequest:
-        return False
-    return True
-
-
-def parse_digest(text: str) -> str:
+def parse_digest(text: object) -> str:
     """`sha256:<hex>` or `sha256-<hex>` -> the 64 lowercase hex digits."""
     match = _DIGEST_RE.fullmatch(text.strip().lower()) if isinstance(text, str) else None
     if match is None:

@@ -12,6 +12,7 @@ leaves at most a file under partial/, never a half-listed model.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pensieve.errors import InvalidRequest, ModelNotFound
 from pensieve.store.gguf import read_gguf
@@ -55,13 +57,13 @@ class ModelDefaults:
         if unknown:
             raise InvalidRequest(f"Unknown model defaults: {', '.join(sorted(unknown))}; "
                                  f"known: {', '.join(_DEFAULT_KEYS)}.")
-        values = dict(data)
+        values: dict[str, Any] = dict(data)  # unchecked until check() below
         if "stop" in values:
             stop = values["stop"]
             if not isinstance(stop, str | list | tuple):
                 raise InvalidRequest("Model default stop must be a string or a list of them.")
             values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        defaults = cls(**values)  # type: ignore[arg-type]
+        defaults = cls(**values)
         defaults.check()
         return defaults
 
@@ -165,7 +167,7 @@ class ModelStore:
     def list(self) -> list[Manifest]:
         return self._read_manifests()[0]
 
-    def _read_manifests(self) -> tuple[list[Manifest], int]:
+    def _read_manifests(self) -> tuple[builtins.list[Manifest], int]:
         """The readable manifests, and how many could not be read (skipped with a warning)."""
         found, num_unreadable = [], 0
         for path in sorted(self.manifests.rglob("*.json")) if self.manifests.is_dir() else []:
@@ -176,7 +178,7 @@ class ModelStore:
                 num_unreadable += 1
         return found, num_unreadable
 
-    def prune(self, *, min_age_s: float = 3600.0) -> list[Path]:
+    def prune(self, *, min_age_s: float = 3600.0) -> builtins.list[Path]:
         """Remove what nothing names any more: blobs no manifest refers to (an upload never
         used by a create, a model whose last name was removed by hand) and uploads or imports
         left in partial/ by a crash. Pulls' partial files stay, so a pull can resume. Only

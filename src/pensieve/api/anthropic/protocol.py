@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -34,7 +35,7 @@ class OtherBlock(StrictBody):
 Block = Annotated[TextBlock | OtherBlock, Field(discriminator="type")]
 
 
-def _blocks_text(content: str | list[Block], param: str) -> str:
+def _blocks_text(content: str | Sequence[Block], param: str) -> str:
     if isinstance(content, str):
         return content
     parts = []

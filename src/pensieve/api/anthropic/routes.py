@@ -42,7 +42,8 @@ STOP_REASONS = {Finish.END: "end_turn", Finish.STOP_STRING: "stop_sequence",
 
 
 def _runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+    runtime: ModelRuntime = request.app.state.runtime
+    return runtime
 
 
 @router.post("/v1/messages", response_model=None)

@@ -72,9 +72,9 @@ class BodyLimitMiddleware:
             await _refuse(scope, receive, send, exc)
             return
         except TimeoutError:
-            exc = _BodyError(408, f"The request body was not received within "
-                             f"{self.config.read_timeout_s:g} s.", "request_timeout")
-            await _refuse(scope, receive, send, exc)
+            late = _BodyError(408, f"The request body was not received within "
+                              f"{self.config.read_timeout_s:g} s.", "request_timeout")
+            await _refuse(scope, receive, send, late)
             return
         if body is None:  # the client left while sending
             return

@@ -143,13 +143,22 @@ class _RuntimeCollector(Collector):
                 size.add_metric([name], client.info.size_bytes)
             restarts.add_metric([name], stats.num_restarts)
             memory = stats.memory or {}
-            for tier, value in dict(memory.get("hits") or {}).items():
-                hits.add_metric([name, str(tier)], float(value))
-            for tier, value in dict(memory.get("tokens_saved") or {}).items():
-                saved.add_metric([name, str(tier)], float(value))
-            misses.add_metric([name], float(memory.get("misses") or 0))  # type: ignore[arg-type]
+            for tier, value in _by_tier(memory.get("hits")).items():
+                hits.add_metric([name, tier], value)
+            for tier, value in _by_tier(memory.get("tokens_saved")).items():
+                saved.add_metric([name, tier], value)
+            misses.add_metric([name], _count(memory.get("misses")))
         yield from (running, waiting, in_flight, loaded, rss, size, restarts, hits, saved,
                     misses)
+
+
+def _by_tier(value: object) -> dict[str, float]:
+    """A `{tier: count}` of the worker's memory summary (absent until it sends one)."""
+    return {str(k): float(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _count(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _resident_bytes(pid: int | None) -> int:

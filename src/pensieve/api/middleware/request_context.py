@@ -27,7 +27,7 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 def request_id_from(scope: Scope) -> str:
     for key, value in scope["headers"]:
         if key.lower() == HEADER_B:
-            text = value.decode("latin-1")
+            text: str = value.decode("latin-1")
             if _SANE_ID.fullmatch(text):
                 return text
             break

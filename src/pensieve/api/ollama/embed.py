@@ -36,7 +36,7 @@ async def embed(body: EmbedBody, request: Request) -> dict[str, Any]:
     started = time.perf_counter_ns()
     served, _ = await open_model(request.app.state.runtime, body.model, body.keep_alive)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
-    result = await served.client.embed(inputs, truncate=body.truncate)  # type: ignore[arg-type]
+    result = await served.client.embed(inputs, truncate=body.truncate)
     vectors = result.embeddings
     if body.dimensions is not None:  # Ollama truncates and renormalizes
         vectors = [_renormalized(v[: body.dimensions]) for v in vectors]

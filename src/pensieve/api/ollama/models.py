@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,8 @@ class CopyBody(StrictBody):
 
 
 def _runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+    runtime: ModelRuntime = request.app.state.runtime
+    return runtime
 
 
 def _store(request: Request) -> ModelStore:
@@ -159,14 +160,15 @@ async def pull_model(request: Request) -> JSONResponse | StreamingResponse:
     return StreamingResponse(_ndjson(job, events), media_type="application/x-ndjson")
 
 
-def _throttled(report: Any) -> Any:
+def _throttled(report: Callable[[PullProgress], None]) -> Callable[[PullProgress], None]:
     """Byte progress at most ten times a second; status changes always."""
-    last = [0.0, ""]
+    last_time, last_status = 0.0, ""
 
     def throttled(p: PullProgress) -> None:
+        nonlocal last_time, last_status
         now = time.monotonic()
-        if p.status != last[1] or now - last[0] >= 0.1 or p.completed == p.total:
-            last[0], last[1] = now, p.status
+        if p.status != last_status or now - last_time >= 0.1 or p.completed == p.total:
+            last_time, last_status = now, p.status
             report(p)
 
     return throttled

@@ -45,7 +45,8 @@ DONE_REASONS = {Finish.END: "stop", Finish.STOP_STRING: "stop", Finish.LENGTH: "
 
 
 def _runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+    runtime: ModelRuntime = request.app.state.runtime
+    return runtime
 
 
 def _now() -> str:

@@ -41,9 +41,10 @@ class EmbeddingRequest(StrictBody):
         x = self.input
         if isinstance(x, str):
             return [x]
-        if x and all(isinstance(t, int) for t in x):
-            return [list(x)]  # type: ignore[arg-type]
-        return list(x)  # type: ignore[arg-type]
+        tokens = [t for t in x if isinstance(t, int)]
+        if x and len(tokens) == len(x):  # one input of token ids (pydantic: never mixed)
+            return [tokens]
+        return [t for t in x if not isinstance(t, int)]
 
 
 def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from pensieve.api import generation as gen
-from pensieve.api import tools
 from pensieve.api.base import StrictBody
+from pensieve.api.tools import ToolCall as CallRecord
+from pensieve.api.tools import ToolDef, ToolSpec
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.structured import check_gbnf
@@ -72,7 +73,7 @@ class ChatMessage(StrictBody):
         return "".join(parts)
 
     def to_message(self) -> gen.Turn:
-        calls = tuple(tools.ToolCall(c.id, c.function.name, c.function.arguments)
+        calls = tuple(CallRecord(c.id, c.function.name, c.function.arguments)
                       for c in self.tool_calls or ())
         return gen.Turn(self.role, self.text(), calls, self.tool_call_id)
 
@@ -157,7 +158,7 @@ class _SamplingFields(StrictBody):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def generate_request(self, prompts: tuple[gen.Prompt, ...], params: SamplingParams,
-                         id_prefix: str, spec: tools.ToolSpec | None = None
+                         id_prefix: str, spec: ToolSpec | None = None
                          ) -> gen.GenerationRequest:
         if self.grammar is not None:
             check_gbnf(self.grammar)
@@ -239,14 +240,14 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
         return self
 
-    def tool_spec(self) -> tools.ToolSpec | None:
+    def tool_spec(self) -> ToolSpec | None:
         if not self.tools or self.tool_choice == "none":
             return None
         choice = self.tool_choice
         name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
-        defs = tuple(tools.ToolDef(t.function.name, t.function.description or "",
+        defs = tuple(ToolDef(t.function.name, t.function.description or "",
                                    t.function.parameters) for t in self.tools)
-        return tools.ToolSpec(defs, name or "auto", self.parallel_tool_calls)
+        return ToolSpec(defs, name or "auto", self.parallel_tool_calls)
 
     def to_generate(self) -> gen.GenerationRequest:
         params = self.sampling_params(max_tokens=self.max_completion_tokens or self.max_tokens,
@@ -284,9 +285,10 @@ class CompletionRequest(_SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        tokens = [x for x in p if isinstance(x, int)]
+        if p and len(tokens) == len(p):  # one prompt of token ids (pydantic: never mixed)
+            return [tokens]
+        return [x for x in p if not isinstance(x, int)]
 
     def to_generate(self) -> gen.GenerationRequest:
         params = self.sampling_params(max_tokens=self.max_tokens,
