@@ -6,7 +6,10 @@ so tests exercise the real client code against HF_ENDPOINT=<this server>.
     GET /api/models/<owner>/<repo>/tree/main         the repo's files, with LFS sha256
     GET /<owner>/<repo>/resolve/main/<path>          a file of the repo
 
-`cut_next_after` makes the next download stop after that many bytes (a dropped connection).
+    GET <path in redirects>                          302 to the URL it maps to
+
+`cut_next_after` makes the next download stop after that many bytes (a dropped connection);
+`start(tls=...)` serves HTTPS with that server context.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -34,24 +38,32 @@ class HubRepo:
 class FakeHub:
     files: dict[str, Path] = field(default_factory=dict)
     repos: dict[str, HubRepo] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location
     cut_next_after: int | None = None
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # lowercase keys
     bytes_sent: int = 0
     server: ThreadingHTTPServer | None = None
+    scheme: str = "http"
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self) -> FakeHub:
+    def start(self, tls: ssl.SSLContext | None = None) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
             fake = hub
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -78,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = unquote(urlsplit(self.path).path)
         self.fake.requests.append((path, {k.lower(): v for k, v in self.headers.items()}))
+        if path in self.fake.redirects:
+            return self._send_redirect(self.fake.redirects[path])
         if path.startswith("/files/") and path[7:] in self.fake.files:
             return self._send_file(self.fake.files[path[7:]])
         tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/main", path)
@@ -97,6 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _send_redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_tree(self, repo: HubRepo) -> None:
         entries = []
