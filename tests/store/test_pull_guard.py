@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pensieve.store.default_model import SHA256
 from pensieve.store.fetch import guarded_get
 from pensieve.store.netguard import (
     IPAddress,
@@ -26,7 +27,9 @@ from pensieve.store.netguard import (
     parse_allow_entry,
     refusal_reason,
 )
-from tests.store.fake_hub import FakeHub
+from pensieve.store.pull import check_source, pull
+from pensieve.store.store import ModelStore
+from tests.store.fake_hub import FakeHub, HubRepo
 
 TIMEOUT = httpx.Timeout(10.0)
 
@@ -316,3 +319,71 @@ def test_tls_verifies_the_host_name_over_the_pinned_address(
                 fetch(url, names_for_hub("hub.test"))
     finally:
         hub.stop()
+
+
+# --- the pull itself: URLs and Hugging Face -------------------------------------------------
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+def test_a_pull_of_a_loopback_url_is_refused_by_default(store: ModelStore) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        with pytest.raises(PullRefused, match=f"add 127.0.0.1:{port} .*pull_allow"):
+            pull(store, f"http://127.0.0.1:{port}/x.gguf")
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+    assert store.list() == [] and not any(store.partial.iterdir())
+
+
+def test_the_cloud_metadata_address_is_refused(store: ModelStore) -> None:
+    with pytest.raises(PullRefused, match="169.254.169.254 is a link-local address"):
+        pull(store, "http://169.254.169.254/latest/meta-data")
+    with pytest.raises(PullRefused, match="link-local"):
+        check_source("http://169.254.169.254/latest/meta-data", NetPolicy())
+
+
+@pytest.fixture
+def hf_hub(default_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A Hugging Face stand-in reached as hub.test, whose downloads redirect to cdn.test."""
+    fake = FakeHub(files={"smol.gguf": default_model}).start()
+    fake.repos["owner/repo"] = HubRepo({"smol.Q4_1.gguf": default_model})
+    fake.redirects["/owner/repo/resolve/main/smol.Q4_1.gguf"] = \
+        f"http://cdn.test:{fake.port}/files/smol.gguf"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    yield fake
+    fake.stop()
+
+
+def test_an_hf_endpoint_inside_the_network_needs_the_setting(
+        hf_hub: FakeHub, store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hf_hub.url)
+    for attempt in (lambda: pull(store, "hf.co/owner/repo:Q4_1"),
+                    lambda: check_source("hf.co/owner/repo:Q4_1", NetPolicy())):
+        with pytest.raises(PullRefused, match=f"HF_ENDPOINT is {hf_hub.url}.*pull_allow"):
+            attempt()
+    assert hf_hub.requests == []  # refused before any call
+
+
+def test_hf_downloads_that_redirect_stay_under_the_policy(
+        hf_hub: FakeHub, store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://hub.test:{hf_hub.port}")
+    with pytest.raises(PullRefused, match=r"cdn.test \(127.0.0.1\) is a loopback"):
+        pull(store, "hf.co/owner/repo:Q4_1", policy=names_for_hub("hub.test"))
+    assert store.list() == []
+    hf_hub.requests.clear()
+    manifest = pull(store, "hf.co/owner/repo:Q4_1", policy=names_for_hub("hub.test", "cdn.test"))
+    assert manifest.digest == SHA256
+    seen = [(path, h["host"].split(":")[0], h.get("authorization"))
+            for path, h in hf_hub.requests]
+    assert seen == [("/api/models/owner/repo/tree/main", "hub.test", "Bearer hf_secret"),
+                    ("/owner/repo/resolve/main/smol.Q4_1.gguf", "hub.test", "Bearer hf_secret"),
+                    ("/files/smol.gguf", "cdn.test", None)]  # the token stays with the hub

@@ -35,7 +35,7 @@ from pensieve import __version__
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.store.fetch import guarded_get
 from pensieve.store.names import parse_digest, parse_name
-from pensieve.store.netguard import NetPolicy
+from pensieve.store.netguard import NetPolicy, PullRefused
 from pensieve.store.store import Manifest, ModelDefaults, ModelStore, sha256_file
 
 log = logging.getLogger("pensieve.store")
@@ -96,9 +96,11 @@ def check_source(spec: str, policy: NetPolicy) -> None:
     without sending anything; later hops are checked as the pull reaches them. For routes that
     answer before the pull runs (a streamed /api/pull)."""
     spec = spec.strip()
-    first = _hf_endpoint() if _is_hf(spec) else _url_source(spec, None, None).url
+    if _is_hf(spec):
+        _check_hf_endpoint(_hf_endpoint(), policy)
+        return
     try:
-        policy.check(first)
+        policy.check(_url_source(spec, None, None).url)
     except httpx.HTTPError as exc:
         raise PullFailed(f"Cannot pull {spec}: {exc}") from exc
 
@@ -193,6 +195,7 @@ def _hf_source(rest: str, name: str | None, expected: str | None,
     except HFValidationError as exc:
         raise InvalidRequest(f"Invalid Hugging Face model {rest!r}: {exc}",
                              param="model") from None
+    _check_hf_endpoint(endpoint, policy)
     token = get_token()
     headers = {"User-Agent": _USER_AGENT, **({"Authorization": f"Bearer {token}"}
                                             if token else {})}
@@ -210,6 +213,15 @@ def _hf_source(rest: str, name: str | None, expected: str | None,
 
 def _hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _check_hf_endpoint(endpoint: str, policy: NetPolicy) -> None:
+    try:
+        policy.check(endpoint)
+    except PullRefused as exc:
+        raise PullRefused(f"HF_ENDPOINT is {endpoint}. {exc.message}") from None
+    except httpx.HTTPError as exc:
+        raise PullFailed(f"Could not reach HF_ENDPOINT {endpoint}: {exc}") from exc
 
 
 def _hf_tree(endpoint: str, repo_id: str, headers: dict[str, str],
