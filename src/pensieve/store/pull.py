@@ -236,8 +236,9 @@ def _hf_tree(endpoint: str, repo_id: str, headers: dict[str, str],
             raise PullFailed(f"Could not list {repo_id} on {endpoint}: {exc}") from exc
         for entry in entries:
             if isinstance(entry, dict) and entry.get("type") == "file" and entry.get("path"):
-                lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
-                files[str(entry["path"])] = _HfFile(entry.get("size"), lfs.get("oid"))
+                lfs = entry.get("lfs")
+                sha256 = lfs.get("oid") if isinstance(lfs, dict) else None
+                files[str(entry["path"])] = _HfFile(entry.get("size"), sha256)
     return files
 
 
