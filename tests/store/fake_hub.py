@@ -3,7 +3,9 @@ Hugging Face calls `huggingface_hub` makes for a pull (the repo tree and `resolv
 so tests exercise the real client code against HF_ENDPOINT=<this server>.
 
     GET /files/<name>                                plain download
-    GET /api/models/<owner>/<repo>/tree/main         the repo's files, with LFS sha256
+    GET /api/models/<owner>/<repo>/tree/main         the repo's files, with LFS sha256 (in
+                                                     pages linked by `Link: rel="next"` when
+                                                     the repo has a page_size)
     GET /<owner>/<repo>/resolve/main/<path>          a file of the repo
 
     GET <path in redirects>                          302 to the URL it maps to
@@ -23,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 _CHUNK = 1 << 20
 
@@ -32,6 +34,7 @@ _CHUNK = 1 << 20
 class HubRepo:
     files: dict[str, Path]  # path in repo -> file
     sha256_override: dict[str, str] = field(default_factory=dict)  # lie about a file's LFS oid
+    page_size: int | None = None  # list the tree in pages of this many entries
 
 
 @dataclass
@@ -96,7 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_file(self.fake.files[path[7:]])
         tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/main", path)
         if tree and tree.group(1) in self.fake.repos:
-            return self._send_tree(self.fake.repos[tree.group(1)])
+            return self._send_tree(self.fake.repos[tree.group(1)], path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/main/(.+)", path)
         if resolve and resolve.group(1) in self.fake.repos:
             repo = self.fake.repos[resolve.group(1)]
@@ -104,9 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send_file(repo.files[resolve.group(2)])
         self._send_json(404, {"error": "Repository or file not found"})
 
-    def _send_json(self, status: int, body: object) -> None:
+    def _send_json(self, status: int, body: object, link: str | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        if link:
+            self.send_header("Link", f'<{link}>; rel="next"')
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -118,14 +123,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _send_tree(self, repo: HubRepo) -> None:
+    def _send_tree(self, repo: HubRepo, tree_path: str) -> None:
         entries = []
         for name, path in repo.files.items():
             size = path.stat().st_size
             oid = repo.sha256_override.get(name) or _sha256(path)
             entries.append({"type": "file", "path": name, "size": size, "oid": "0" * 40,
                             "lfs": {"oid": oid, "size": size, "pointerSize": 134}})
-        self._send_json(200, entries)
+        if repo.page_size is None:
+            return self._send_json(200, entries)
+        cursor = int(parse_qs(urlsplit(self.path).query).get("cursor", ["0"])[0])
+        end = cursor + repo.page_size
+        link = f"http://{self.headers['Host']}{tree_path}?recursive=true&cursor={end}" \
+            if end < len(entries) else None
+        self._send_json(200, entries[cursor:end], link)
 
     def _send_file(self, path: Path) -> None:
         size = path.stat().st_size

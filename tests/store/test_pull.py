@@ -128,6 +128,14 @@ def test_pull_a_file_path_from_hugging_face(hf: FakeHub, store: ModelStore) -> N
     assert str(manifest.name) == "copy:v1" and manifest.digest == SHA256
 
 
+def test_a_hugging_face_tree_in_pages_is_read_to_the_end(hf: FakeHub, store: ModelStore) -> None:
+    hf.repos["test-owner/SmolLM2-GGUF"].page_size = 1  # the Q4_1 file is on the second page
+    manifest = pull(store, "hf.co/test-owner/SmolLM2-GGUF:Q4_1", policy=LOOPBACK)
+    assert manifest.digest == SHA256
+    trees = [path for path, _ in hf.requests if path.endswith("/tree/main")]
+    assert len(trees) == 3
+
+
 def test_hugging_face_digest_mismatch_is_refused(hf: FakeHub, store: ModelStore) -> None:
     hf.repos["test-owner/SmolLM2-GGUF"].sha256_override["SmolLM2-135M-Instruct.Q4_1.gguf"] = \
         "ab" * 32

@@ -236,9 +236,10 @@ def _hf_tree(endpoint: str, repo_id: str, headers: dict[str, str],
             raise PullFailed(f"Could not list {repo_id} on {endpoint}: {exc}") from exc
         for entry in entries:
             if isinstance(entry, dict) and entry.get("type") == "file" and entry.get("path"):
-                lfs = entry.get("lfs")
+                lfs, size = entry.get("lfs"), entry.get("size")
                 sha256 = lfs.get("oid") if isinstance(lfs, dict) else None
-                files[str(entry["path"])] = _HfFile(entry.get("size"), sha256)
+                files[str(entry["path"])] = _HfFile(size if isinstance(size, int) else None,
+                                                    sha256 if isinstance(sha256, str) else None)
     return files
 
 
