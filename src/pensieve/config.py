@@ -23,6 +23,7 @@ from pensieve.engine.client import ClientLimits
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig
 from pensieve.memory.store import MemoryConfig, namespace_for
+from pensieve.store.netguard import NetPolicy
 
 
 def default_data_dir() -> Path:
@@ -128,6 +129,12 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Browser origins allowed to call the API (CORS), "
         "comma-separated, e.g. http://localhost:3000; '*': any. Default: none (CORS off).")
+    pull_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Where pulls (`pensieve pull`, /api/pull, "
+        "HF_ENDPOINT) may connect besides public addresses, comma-separated: host names, "
+        "host:port, IP addresses or CIDR networks, e.g. mirror.lan,10.0.0.5:8000,"
+        "192.168.0.0/16; '*': anywhere. Default: none (loopback, private, link-local and other "
+        "non-public addresses are refused).")
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM): serve HTTPS.")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM) for --ssl-certfile.")
     max_body_bytes: int = Field(8 << 20, ge=1024, le=1 << 30,
@@ -154,11 +161,17 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="Log prompt text (at info level). Off: logs "
                               "never contain prompt or output text.")
 
-    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", "pull_allow", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("pull_allow")
+    @classmethod
+    def _valid_pull_allow(cls, value: list[str]) -> list[str]:
+        NetPolicy.from_entries(value)  # raises ValueError naming a bad entry
         return value
 
     @field_validator("model", "model_alias")
@@ -219,6 +232,9 @@ class Settings(BaseSettings):
         return AccessConfig(api_keys=self.all_api_keys(), bind_host=self.host,
                             allowed_hosts=tuple(self.allowed_hosts),
                             cors_origins=tuple(self.cors_origins))
+
+    def pull_policy(self) -> NetPolicy:
+        return NetPolicy.from_entries(self.pull_allow)
 
     def limits_config(self) -> LimitsConfig:
         return LimitsConfig(max_body_bytes=self.max_body_bytes,

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -28,10 +29,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pensieve.config import Settings, store_dir
-from pensieve.errors import PensieveError
+from pensieve.config import Settings, load_settings, store_dir
+from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.store import describe
 from pensieve.store.gguf import read_gguf
+from pensieve.store.netguard import NetPolicy
 from pensieve.store.pull import PullProgress, pull
 from pensieve.store.store import ModelDefaults, ModelStore
 
@@ -51,6 +53,9 @@ def add_models_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                                   "an http(s) URL")
     p.add_argument("--name", default=None, help="store it under this name[:tag]")
     p.add_argument("--sha256", default=None, help="expected sha256 of the file")
+    p.add_argument("--pull-allow", default=None, help="hosts or networks to allow besides "
+                   "public addresses, comma-separated [env PENSIEVE_PULL_ALLOW; see "
+                   "docs/security.md]")
     p = sub.add_parser("import", parents=[store_flags], help="Add a local GGUF file")
     p.add_argument("file", type=Path)
     p.add_argument("--name", required=True, help="name[:tag] to store it under")
@@ -92,6 +97,7 @@ def _open_store(args: argparse.Namespace) -> ModelStore:
 def _pull(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
+    policy = _pull_policy(args)
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, TaskID] = {}
 
@@ -104,9 +110,18 @@ def _pull(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
             bar.update(tasks[p.status], completed=p.completed, total=p.total)
 
         manifest = pull(store, args.source, name=args.name, sha256=args.sha256,
-                        progress=report)
+                        progress=report, policy=policy)
     console.print(f"pulled [cyan]{manifest.name}[/cyan] (sha256:{manifest.digest[:12]})")
     return 0
+
+
+def _pull_policy(args: argparse.Namespace) -> NetPolicy:
+    """pull_allow from --pull-allow, else PENSIEVE_PULL_ALLOW, else the PENSIEVE_CONFIG file."""
+    overrides = {"pull_allow": args.pull_allow} if args.pull_allow is not None else {}
+    try:
+        return load_settings(overrides).pull_policy()
+    except (ValidationError, FileNotFoundError) as exc:
+        raise InvalidRequest(f"Invalid configuration: {exc}") from None
 
 
 def _import(store: ModelStore, args: argparse.Namespace, console: Console) -> int:

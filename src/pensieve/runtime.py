@@ -24,6 +24,7 @@ from pensieve.errors import InvalidRequest, ModelNotFound, PensieveError
 from pensieve.store.durations import parse_keep_alive
 from pensieve.store.gguf import read_gguf
 from pensieve.store.names import parse_name
+from pensieve.store.netguard import NetPolicy
 from pensieve.store.store import Manifest, ModelDefaults, ModelStore
 
 log = logging.getLogger("pensieve.runtime")
@@ -81,11 +82,13 @@ class LifecycleConfig:
 class ModelRuntime:
     def __init__(self, store: ModelStore | None = None,
                  make_config: ConfigFactory | None = None,
-                 lifecycle: LifecycleConfig | None = None) -> None:
+                 lifecycle: LifecycleConfig | None = None,
+                 pull_policy: NetPolicy | None = None) -> None:
         self._models: dict[str, ServedModel] = {}
         self.observer: EngineObserver | None = None  # metrics; given to every client it makes
         self._aliases: dict[str, str] = {}
         self.store = store
+        self.pull_policy = pull_policy or NetPolicy()  # where /api/pull may connect
         self._make_config = make_config
         self.lifecycle = lifecycle or LifecycleConfig(1 << 62, 0, None)
         self._room_lock: asyncio.Lock | None = None

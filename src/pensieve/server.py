@@ -120,7 +120,7 @@ def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> Mode
     lifecycle = LifecycleConfig(memory_budget_bytes(settings), settings.max_loaded_models,
                                 parse_keep_alive(settings.keep_alive), log_level,
                                 settings.client_limits())
-    return ModelRuntime(store, make_config, lifecycle)
+    return ModelRuntime(store, make_config, lifecycle, settings.pull_policy())
 
 
 def _register_default_model(store: ModelStore, path: Path, name: str) -> None:

@@ -49,7 +49,8 @@ def hub(default_model: Path) -> Iterator[FakeHub]:
 @pytest.fixture(scope="module")
 def store_server(default_model: Path, hub: FakeHub,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server whose store holds a copy of the default model and every corrupt variant."""
+    """A server whose store holds a copy of the default model and every corrupt variant, and
+    which may pull from the loopback hub (--pull-allow 127.0.0.1)."""
     tmp = tmp_path_factory.mktemp("store-server")
     store = ModelStore(tmp / "data" / "models")
     store.import_file(default_model, "copy-a", link=True)
@@ -63,7 +64,8 @@ def store_server(default_model: Path, hub: FakeHub,
     os.environ.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_e2e")
     try:
         server = start_server(tmp, "--parallel", "2", "--ctx-size", "2048",
-                              "--keep-alive", "2s", data_dir=tmp / "data")
+                              "--keep-alive", "2s", "--pull-allow", "127.0.0.1",
+                              data_dir=tmp / "data")
     finally:
         for key, value in old.items():
             os.environ.pop(key, None) if value is None else os.environ.update({key: value})
@@ -136,6 +138,31 @@ def test_pull_a_url_into_the_running_server(ollama_client: ollama.Client, hub: F
     assert [e.completed for e in progress] == sorted(e.completed for e in progress)
     assert "smol:latest" in {m.model for m in ollama_client.list().models}
     assert chat(store_server, "smol")
+
+
+def test_a_pull_from_inside_the_network_needs_pull_allow(server: Server, store_server: Server,
+                                                         hub: FakeHub) -> None:
+    """`server` runs without pull_allow: a URL on loopback is a 400 naming the setting, streamed
+    or not, and nothing reaches the hub. `store_server` has the setting: the same pull works."""
+    hub.files["inside.gguf"] = hub.files["smol.gguf"]
+    url = f"http://127.0.0.1:{hub.port}/files/inside.gguf"
+    before = len(hub.requests)
+    for stream in (False, True):
+        r = httpx.post(f"{server.base_url}/api/pull", json={"model": url, "stream": stream},
+                       timeout=30)
+        assert r.status_code == 400, r.text
+        assert "127.0.0.1 is a loopback address" in r.json()["error"]
+        assert "pull_allow" in r.json()["error"]
+    with pytest.raises(ollama.ResponseError, match="pull_allow") as caught:
+        ollama.Client(host=server.base_url, timeout=30).pull(url)
+    assert caught.value.status_code == 400
+    assert len(hub.requests) == before
+    r = httpx.post(f"{store_server.base_url}/api/pull", json={"model": url, "stream": False},
+                   timeout=300)
+    assert r.status_code == 200 and r.json() == {"status": "success"}
+    assert [path for path, _ in hub.requests[before:]] == ["/files/inside.gguf"]
+    assert "inside:latest" in {m["name"] for m in httpx.get(
+        f"{store_server.base_url}/api/tags", timeout=10).json()["models"]}
 
 
 def test_pull_from_the_hugging_face_stand_in(ollama_client: ollama.Client, hub: FakeHub,

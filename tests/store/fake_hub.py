@@ -3,10 +3,15 @@ Hugging Face calls `huggingface_hub` makes for a pull (the repo tree and `resolv
 so tests exercise the real client code against HF_ENDPOINT=<this server>.
 
     GET /files/<name>                                plain download
-    GET /api/models/<owner>/<repo>/tree/main         the repo's files, with LFS sha256
+    GET /api/models/<owner>/<repo>/tree/main         the repo's files, with LFS sha256 (in
+                                                     pages linked by `Link: rel="next"` when
+                                                     the repo has a page_size)
     GET /<owner>/<repo>/resolve/main/<path>          a file of the repo
 
-`cut_next_after` makes the next download stop after that many bytes (a dropped connection).
+    GET <path in redirects>                          302 to the URL it maps to
+
+`cut_next_after` makes the next download stop after that many bytes (a dropped connection);
+`start(tls=...)` serves HTTPS with that server context.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 _CHUNK = 1 << 20
 
@@ -28,30 +34,39 @@ _CHUNK = 1 << 20
 class HubRepo:
     files: dict[str, Path]  # path in repo -> file
     sha256_override: dict[str, str] = field(default_factory=dict)  # lie about a file's LFS oid
+    page_size: int | None = None  # list the tree in pages of this many entries
 
 
 @dataclass
 class FakeHub:
     files: dict[str, Path] = field(default_factory=dict)
     repos: dict[str, HubRepo] = field(default_factory=dict)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location
     cut_next_after: int | None = None
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # lowercase keys
     bytes_sent: int = 0
     server: ThreadingHTTPServer | None = None
+    scheme: str = "http"
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def start(self) -> FakeHub:
+    def start(self, tls: ssl.SSLContext | None = None) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
             fake = hub
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -78,11 +93,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = unquote(urlsplit(self.path).path)
         self.fake.requests.append((path, {k.lower(): v for k, v in self.headers.items()}))
+        if path in self.fake.redirects:
+            return self._send_redirect(self.fake.redirects[path])
         if path.startswith("/files/") and path[7:] in self.fake.files:
             return self._send_file(self.fake.files[path[7:]])
         tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/main", path)
         if tree and tree.group(1) in self.fake.repos:
-            return self._send_tree(self.fake.repos[tree.group(1)])
+            return self._send_tree(self.fake.repos[tree.group(1)], path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/main/(.+)", path)
         if resolve and resolve.group(1) in self.fake.repos:
             repo = self.fake.repos[resolve.group(1)]
@@ -90,22 +107,36 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send_file(repo.files[resolve.group(2)])
         self._send_json(404, {"error": "Repository or file not found"})
 
-    def _send_json(self, status: int, body: object) -> None:
+    def _send_json(self, status: int, body: object, link: str | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        if link:
+            self.send_header("Link", f'<{link}>; rel="next"')
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_tree(self, repo: HubRepo) -> None:
+    def _send_redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _send_tree(self, repo: HubRepo, tree_path: str) -> None:
         entries = []
         for name, path in repo.files.items():
             size = path.stat().st_size
             oid = repo.sha256_override.get(name) or _sha256(path)
             entries.append({"type": "file", "path": name, "size": size, "oid": "0" * 40,
                             "lfs": {"oid": oid, "size": size, "pointerSize": 134}})
-        self._send_json(200, entries)
+        if repo.page_size is None:
+            return self._send_json(200, entries)
+        cursor = int(parse_qs(urlsplit(self.path).query).get("cursor", ["0"])[0])
+        end = cursor + repo.page_size
+        link = f"http://{self.headers['Host']}{tree_path}?recursive=true&cursor={end}" \
+            if end < len(entries) else None
+        self._send_json(200, entries[cursor:end], link)
 
     def _send_file(self, path: Path) -> None:
         size = path.stat().st_size

@@ -53,7 +53,8 @@ def test_pull_shows_progress_and_stores_the_model(default_model: Path, tmp_path:
     hub = FakeHub(files={"smol.gguf": default_model}).start()
     try:
         code, out = run(capsys, "pull", f"{hub.url}/files/smol.gguf", "--sha256", SHA256,
-                        "--name", "pulled", "--models-dir", str(tmp_path / "models"))
+                        "--name", "pulled", "--models-dir", str(tmp_path / "models"),
+                        "--pull-allow", "127.0.0.1")
     finally:
         hub.stop()
     assert code == 0, out
@@ -72,3 +73,33 @@ def test_serve_refuses_a_corrupt_model_file_before_loading_it(
     bad = write_variant(variant, layout, tmp_path / "bad.gguf")
     code, out = run(capsys, "serve", "--model", str(bad), "--data-dir", str(tmp_path / "d"))
     assert code == 2 and "Cannot start" in out and "claims" in out
+
+
+def test_pull_from_inside_the_network_needs_pull_allow(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused without the setting; with it (flag, variable or config file) the pull reaches
+    the server, whose 404 shows it got through."""
+    monkeypatch.delenv("PENSIEVE_PULL_ALLOW", raising=False)
+    monkeypatch.delenv("PENSIEVE_CONFIG", raising=False)
+    hub = FakeHub().start()
+    pull = ["pull", f"{hub.url}/files/missing.gguf", "--models-dir", str(tmp_path / "models")]
+    config = tmp_path / "pensieve.toml"
+    config.write_text('pull_allow = ["127.0.0.0/8"]\n')
+    try:
+        code, out = run(capsys, *pull)
+        said = " ".join(out.split())  # the console wraps long lines
+        assert code == 1 and "Error: Refusing to pull from" in said
+        assert "127.0.0.1 is a loopback address" in said and "pull_allow" in said
+        assert hub.requests == []
+        assert "HTTP 404" in run(capsys, *pull, "--pull-allow", "127.0.0.1")[1]
+        monkeypatch.setenv("PENSIEVE_PULL_ALLOW", f"127.0.0.1:{hub.port}")
+        assert "HTTP 404" in run(capsys, *pull)[1]
+        monkeypatch.delenv("PENSIEVE_PULL_ALLOW")
+        monkeypatch.setenv("PENSIEVE_CONFIG", str(config))
+        assert "HTTP 404" in run(capsys, *pull)[1]
+        code, out = run(capsys, *pull, "--pull-allow", "not a host")
+        assert code == 1 and "pull_allow" in out and "Traceback" not in out
+    finally:
+        hub.stop()
+    assert len(hub.requests) == 3

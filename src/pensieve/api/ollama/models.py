@@ -27,7 +27,7 @@ from pensieve.runtime import ModelRuntime, ServedModel, resident_bytes
 from pensieve.store import describe
 from pensieve.store.gguf import GgufInfo, read_gguf
 from pensieve.store.names import parse_digest, parse_name
-from pensieve.store.pull import PullProgress, pull
+from pensieve.store.pull import PullProgress, check_source, pull
 from pensieve.store.store import Manifest, ModelDefaults, ModelStore
 from pensieve.templates import ChatTemplate
 
@@ -141,7 +141,8 @@ def _show_payload(served: ServedModel, manifest: Manifest | None,
 @router.post("/api/pull", response_model=None)
 async def pull_model(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, PullBody, b"{}")
-    store = _store(request)
+    store, policy = _store(request), _runtime(request).pull_policy
+    await asyncio.to_thread(check_source, body.target(), policy)  # a 400 before any stream
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -153,7 +154,7 @@ async def pull_model(request: Request) -> JSONResponse | StreamingResponse:
 
     job = asyncio.create_task(asyncio.to_thread(
         pull, store, body.target(), name=body.as_name, sha256=body.sha256,
-        progress=_throttled(report)))
+        progress=_throttled(report), policy=policy))
     if not body.stream:
         await job
         return JSONResponse({"status": "success"})
