@@ -122,5 +122,28 @@ def assert_same_greedy_run(a: list, b: list) -> None:
         assert abs(_get(ea, "logprob") - _get(eb, "logprob")) <= LOGPROB_TOLERANCE
 
 
+def assert_text_follows_greedy_run(text: str, entries: list) -> None:
+    """`text`, another greedy run's answer as a client printed it (trailing whitespace
+    stripped), follows the run whose logprobs.content (top_logprobs on) is `entries`, up to a
+    near-tie divergence: the same tolerance as `assert_same_greedy_run`, for clients that print
+    text only."""
+    data, pos = text.rstrip().encode(), 0
+    for k, entry in enumerate(entries):
+        token = bytes(_get(entry, "bytes"))
+        if data.startswith(token, pos) and (token.strip() or pos < len(data)):
+            pos += len(token)
+            continue
+        if pos == len(data):  # the printed text ended: what the run had left is whitespace
+            rest = b"".join(bytes(_get(e, "bytes")) for e in entries[k:])
+            assert not rest.strip(), (text, rest)
+            return
+        alts = {bytes(_get(t, "bytes")): _get(t, "logprob") for t in _get(entry, "top_logprobs")}
+        near = [t for t, lp in alts.items() if t and data.startswith(t, pos)
+                and _get(entry, "logprob") - lp <= NEAR_TIE]
+        assert near, (data[pos:pos + 40], token)
+        return
+    assert pos == len(data), (text, data[pos:])
+
+
 def _get(entry: object, name: str):  # noqa: ANN202 - openai objects or plain dicts
     return entry[name] if isinstance(entry, dict) else getattr(entry, name)
