@@ -55,7 +55,8 @@ def make_engine(args: argparse.Namespace, kv: str, data_dir: Path) -> Engine:
     settings = Settings(threads=args.threads, parallel=8, ctx_size=8192, data_dir=data_dir,
                         cache_type_k=kv, cache_type_v=kv, memory_ram_mb=args.ram_mb,
                         memory_disk_mb=args.disk_mb, n_gpu_layers=0)
-    return Engine(settings.engine_config(str(args.model), file_digest(args.model)))
+    digest = file_digest(args.model, data_dir / "digests.json")
+    return Engine(settings.engine_config(str(args.model), digest))
 
 
 def run_all(engine: Engine, requests: list[EngineRequest]) -> dict[str, list[SeqOutput]]:

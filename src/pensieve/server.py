@@ -77,6 +77,8 @@ def serve(settings: Settings) -> int:
         gguf = read_gguf(path)  # a corrupt file is refused here, before llama.cpp sees it
         refusal = check_exposure(settings) or kv_type_problem(
             gguf, settings.cache_type_k, settings.cache_type_v)
+        context = settings.engine_config(str(path)).context
+        hardware = summary(plan_for(gguf, context, settings.gpu_config())[1])
     except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
         return 2
@@ -95,7 +97,7 @@ def serve(settings: Settings) -> int:
                                    limits=settings.client_limits()), digest=digest)
     safety = SafetyConfig(settings.access_config(), settings.limits_config())
     app = create_app(runtime, safety)
-    _print_banner(settings, name, summary(plan_for(gguf, config.context, config.gpu)[1]))
+    _print_banner(settings, name, hardware)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal against the
     # handler it found; a no-op handler makes that a clean exit 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):

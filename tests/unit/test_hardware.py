@@ -22,6 +22,7 @@ from pensieve.engine.devices import (
     Placement,
     describe,
     kv_type_problem,
+    main_gpu_problem,
     plan_placement,
     summary,
     usable_bytes,
@@ -171,6 +172,14 @@ def test_usable_device_memory_follows_the_split_and_keeps_a_margin() -> None:
     assert usable_bytes(gpus, GpuConfig(None, 1, "none"), free=True) == 2 << 30
     assert usable_bytes(gpus, GpuConfig(None, tensor_split=(1.0, 0.0)), free=False) == 7 << 30
     assert usable_bytes([], GpuConfig(None), free=True) == 0
+
+
+def test_a_main_gpu_that_does_not_exist_is_named() -> None:
+    gpus = [Device("Vulkan0", "A", "gpu", 1, 1)]
+    assert main_gpu_problem(gpus, GpuConfig(None, 0)) is None
+    assert main_gpu_problem([], GpuConfig(None, 3)) is None  # CPU only: nothing to choose
+    assert main_gpu_problem(gpus, GpuConfig(None, 1)) == (
+        "--main-gpu 1 does not exist; the GPUs are 0: Vulkan0")
 
 
 def test_where_a_model_runs_is_described() -> None:

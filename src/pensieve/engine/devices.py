@@ -18,6 +18,7 @@ import llama_cpp as C
 
 from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
 from pensieve.engine.types import OffloadInfo
+from pensieve.errors import ModelLoadError
 from pensieve.store.gguf import GgufInfo, read_gguf
 
 log = logging.getLogger("pensieve.devices")
@@ -134,6 +135,13 @@ def list_gpus() -> list[Device]:
     return devices
 
 
+def main_gpu_problem(devices: list[Device], gpu: GpuConfig) -> str | None:
+    if not devices or gpu.main_gpu < len(devices):
+        return None
+    names = ", ".join(f"{i}: {d.name}" for i, d in enumerate(devices))
+    return f"--main-gpu {gpu.main_gpu} does not exist; the GPUs are {names}"
+
+
 def usable_bytes(devices: list[Device], gpu: GpuConfig, *, free: bool) -> int:
     """Device memory a model may take on the devices it would use, less a margin on each."""
     chosen = used_devices(devices, gpu)
@@ -154,6 +162,9 @@ def resolve(shape: ModelShape, gpu: GpuConfig) -> tuple[GpuConfig, OffloadInfo]:
     """Turn `auto` into a layer count for the devices as they are now (free memory), and
     describe where the model runs. Called where the model loads (the worker)."""
     devices = list_gpus()
+    problem = main_gpu_problem(devices, gpu)
+    if problem is not None:
+        raise ModelLoadError(problem, code="invalid_main_gpu")
     if gpu.n_gpu_layers is None:
         room = usable_bytes(devices, gpu, free=True)
     else:  # a number is the user's call, as in llama.cpp: no fitting
