@@ -12,6 +12,7 @@ import pytest
 
 from pensieve.store.gguf import read_gguf
 from tests.e2e.test_memory import (  # noqa: F401 - collected again here, on a q8_0 cache
+    assert_budgets_hold,
     converse,
     first_three_turns,
     fourth_turn_after_restart,
@@ -19,7 +20,6 @@ from tests.e2e.test_memory import (  # noqa: F401 - collected again here, on a q
     test_a_turn_served_from_the_ram_tier_matches_a_fresh_computation,
     test_damaged_memory_files_are_ignored_and_the_answer_is_still_right,
     test_memory_can_be_listed_and_deleted_over_http_and_from_the_cli,
-    test_ram_and_disk_budgets_hold_under_many_conversations,
     test_two_models_never_share_memory,
 )
 from tests.support.server import start_server, stop_server
@@ -35,6 +35,12 @@ def q8_0_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("PENSIEVE_CACHE_TYPE_K", "q8_0")
     monkeypatch.setenv("PENSIEVE_CACHE_TYPE_V", "q8_0")
     yield
+
+
+def test_ram_and_disk_budgets_hold_under_many_conversations_at_half_the_size(
+        tmp_path: Path) -> None:
+    # a q8_0 conversation takes about half the bytes: all 12 would fit the f16 test's budgets
+    assert_budgets_hold(tmp_path, ram_mb=2, disk_mb=4)
 
 
 def test_snapshots_of_one_kv_type_are_never_restored_into_another(tmp_path: Path) -> None:
