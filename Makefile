@@ -15,6 +15,16 @@ endif
 
 .PHONY: serve test install install-test lint clean chromium docs
 
+# GPU=cuda|metal|vulkan|rocm rebuilds llama-cpp-python for that backend (CMAKE_ARGS as in
+# llama-cpp-python's README) before serving or testing; without it everything runs on the CPU.
+GPU ?=
+GPU_CMAKE_ARGS_cuda   = -DGGML_CUDA=on
+GPU_CMAKE_ARGS_metal  = -DGGML_METAL=on
+GPU_CMAKE_ARGS_vulkan = -DGGML_VULKAN=on
+GPU_CMAKE_ARGS_rocm   = -DGGML_HIP=on
+GPU_STAMP = $(if $(GPU),$(VENV)/.gpu-$(GPU))
+LLAMA_CPP_PYTHON = $(shell sed -n 's/.*"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
@@ -28,10 +38,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(VENV)/.gpu-%: $(VENV)/.installed
+	@test -n "$(GPU_CMAKE_ARGS_$*)" || { echo "GPU=$*: use cuda, metal, vulkan or rocm"; exit 2; }
+	CMAKE_ARGS="$(GPU_CMAKE_ARGS_$*)" $(BIN)/python -m pip install --quiet --force-reinstall \
+		--no-deps --no-cache-dir "$(LLAMA_CPP_PYTHON)"
+	rm -f $(VENV)/.gpu-*
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-serve: install
+serve: install $(GPU_STAMP)
 	$(BIN)/pensieve serve $(ARGS)
 
 # The browser test drives Debian's chromium (Playwright cannot download its own browser offline).
@@ -39,7 +56,7 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed: the browser tests will fail (apt-get install chromium)"
 
-test: install-test chromium
+test: install-test $(GPU_STAMP) chromium
 	$(BIN)/python -m pytest $(ARGS)
 
 # The configuration reference is generated from the settings model (a unit test checks it).

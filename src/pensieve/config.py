@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -20,10 +20,13 @@ from pydantic_settings import (
 from pensieve.api.middleware.access import AccessConfig, load_key_file
 from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.engine.client import ClientLimits
+from pensieve.engine.devices import GpuConfig, list_gpus, usable_bytes
 from pensieve.engine.engine import EngineConfig
-from pensieve.engine.llama import ContextConfig
+from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
 from pensieve.memory.store import MemoryConfig, namespace_for
 from pensieve.store.netguard import NetPolicy
+
+KvCacheTypeName = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32"]
 
 
 def default_data_dir() -> Path:
@@ -85,6 +88,31 @@ class Settings(BaseSettings):
     memory_disk_mb: int = Field(10240, ge=0, le=1 << 30,
                                 description="Disk budget for conversations' KV, in MiB; it "
                                 "survives restarts. 0: no disk tier.")
+    cache_type_k: KvCacheTypeName = Field(
+        "f16", description="KV cache type of K. q8_0 about halves the bytes of every "
+        "remembered token (RAM and disk tiers hold twice the conversations) at a small cost "
+        "in accuracy; q4_0 quarters them at a larger one.")
+    cache_type_v: KvCacheTypeName = Field(
+        "f16", description="KV cache type of V. A quantized type (q8_0, q4_0, ...) needs "
+        "--flash-attn on or auto.")
+    # --- hardware: GPU offload (README, "Building for a GPU") ---
+    n_gpu_layers: Annotated[int, Field(ge=0, le=100_000)] | Literal["auto"] = Field(
+        "auto", description="Model layers to offload to the GPU(s): auto (as many as fit in "
+        "their free memory, as llama-server's -ngl auto), a number, or 0 for the CPU only. A "
+        "build of llama-cpp-python without GPU support runs on the CPU and says so at start.")
+    main_gpu: int = Field(0, ge=0, le=255, description="The GPU that holds the whole model "
+                          "with --split-mode none (and the scratch buffers with row).")
+    split_mode: Literal["none", "layer", "row", "tensor"] = Field(
+        "layer", description="How a model is split across several GPUs: none (--main-gpu "
+        "only), layer (layers and their KV spread over the GPUs), row (tensors split by rows), "
+        "tensor (tensor parallelism, where the backend supports it).")
+    tensor_split: Annotated[list[float], NoDecode] = Field(
+        default_factory=list, description="Proportion of the model each GPU takes, "
+        "comma-separated (e.g. 3,1). Empty: in proportion to their free memory.")
+    max_device_memory_mb: int = Field(
+        0, ge=0, le=1 << 30, description="GPU memory budget for resident models (the layers "
+        "and KV offloaded), in MiB, counted apart from --max-memory-mb. 0: the GPUs' memory "
+        "less 1 GiB each.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
     # --- model store and lifecycle (docs/models.md) ---
@@ -101,6 +129,29 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(
         3, ge=0, le=64, description="Most models resident at once. 0: only the memory budget "
         "limits it.")
+
+    @field_validator("tensor_split", mode="before")
+    @classmethod
+    def _split_floats(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _valid_split(cls, value: list[float]) -> list[float]:
+        if value and (any(not 0 <= v < float("inf") for v in value) or sum(value) <= 0):
+            raise ValueError("tensor_split takes non-negative proportions, at least one above 0")
+        return value
+
+    @model_validator(mode="after")
+    def _kv_types_fit_flash_attn(self) -> Settings:
+        if KV_CACHE_TYPES[self.cache_type_v].is_quantized and self.flash_attn == "off":
+            raise ValueError(
+                f"--cache-type-v {self.cache_type_v} needs flash attention, which "
+                "--flash-attn off turns off: use --flash-attn on (or auto), or an unquantized "
+                "V cache (f16, bf16, f32)")
+        return self
 
     @field_validator("keep_alive")
     @classmethod
@@ -198,11 +249,23 @@ class Settings(BaseSettings):
         if not self.prefix_cache or (self.memory_ram_mb == 0 and self.memory_disk_mb == 0):
             return None
         namespace = namespace_for(model_digest, flash_attn=self.flash_attn,
-                                  kv_unified=self.kv_unified, kv_type="f16")
+                                  kv_unified=self.kv_unified, kv_type=self.kv_type_label)
         disk_dir = str(self.data_dir / "memory") if self.memory_disk_mb > 0 else None
         return MemoryConfig(ram_bytes=self.memory_ram_mb << 20,
                             disk_bytes=self.memory_disk_mb << 20, disk_dir=disk_dir,
                             namespace=namespace)
+
+    @property
+    def kv_type_label(self) -> str:
+        """The KV cache types in one word: "f16" when both are (the name snapshots of an f16
+        cache have always had), else "K/V", e.g. "q8_0/q8_0"."""
+        if self.cache_type_k == self.cache_type_v == "f16":
+            return "f16"
+        return f"{self.cache_type_k}/{self.cache_type_v}"
+
+    def gpu_config(self) -> GpuConfig:
+        layers = None if self.n_gpu_layers == "auto" else self.n_gpu_layers
+        return GpuConfig(layers, self.main_gpu, self.split_mode, tuple(self.tensor_split))
 
     def engine_config(self, model_path: str, model_digest: str | None = None) -> EngineConfig:
         ctx = ContextConfig(
@@ -214,12 +277,15 @@ class Settings(BaseSettings):
             n_threads_batch=self.threads_batch or self.threads,
             flash_attn=self.flash_attn,
             kv_unified=self.kv_unified,
+            type_k=self.cache_type_k,
+            type_v=self.cache_type_v,
         )
         memory = self.memory_config(model_digest) if model_digest else None
         return EngineConfig(model_path=model_path, context=ctx, use_mmap=self.mmap,
                             prefix_cache=self.prefix_cache, memory=memory,
                             prefill_chunk_while_decoding=self.prefill_chunk_while_decoding,
-                            reuse_generated=self.memory_reuse_generated)
+                            reuse_generated=self.memory_reuse_generated,
+                            gpu=self.gpu_config())
 
 
     def all_api_keys(self) -> tuple[str, ...]:
@@ -261,6 +327,15 @@ def memory_budget_bytes(settings: Settings) -> int:
     except (ValueError, OSError):
         total = 8 << 30
     return total * 3 // 4
+
+
+def device_budget_bytes(settings: Settings) -> int:
+    """GPU memory resident models may take (0: no GPU in use)."""
+    if settings.n_gpu_layers == 0:
+        return 0
+    if settings.max_device_memory_mb:
+        return settings.max_device_memory_mb << 20
+    return usable_bytes(list_gpus(), settings.gpu_config(), free=False)
 
 
 def load_settings(overrides: dict[str, Any], config_file: Path | None = None) -> Settings:

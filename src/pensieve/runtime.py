@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pensieve.engine.client import ClientLimits, EngineClient, EngineObserver
+from pensieve.engine.devices import kv_type_problem, model_shape, plan_placement
 from pensieve.engine.engine import EngineConfig
 from pensieve.errors import InvalidRequest, ModelNotFound, PensieveError
 from pensieve.store.durations import parse_keep_alive
-from pensieve.store.gguf import read_gguf
+from pensieve.store.gguf import GgufInfo, read_gguf
 from pensieve.store.names import parse_name
 from pensieve.store.netguard import NetPolicy
 from pensieve.store.store import Manifest, ModelDefaults, ModelStore
@@ -49,6 +50,7 @@ class ServedModel:
     digest: str | None = None
     num_weight_bytes: int = 0
     num_kv_bytes: int = 0
+    num_device_bytes: int = 0  # the part of weights and KV offloaded to GPUs
     keep_alive: float | None = None  # seconds idle before unloading; None: never
     default_keep_alive: float | None = None  # for requests that do not say
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
@@ -56,7 +58,21 @@ class ServedModel:
 
     @property
     def num_budget_bytes(self) -> int:
+        """Weights and KV, wherever they are."""
         return self.num_weight_bytes + self.num_kv_bytes
+
+    @property
+    def num_host_bytes(self) -> int:
+        return self.num_budget_bytes - self.num_device_bytes
+
+    def set_footprint(self, info: GgufInfo, config: EngineConfig, device_budget: int) -> None:
+        """Weights and KV (at the context's cache types) split between host and device as
+        the worker will place them, for a device budget of `device_budget` bytes."""
+        ctx = config.context
+        shape = model_shape(info, ctx.n_ctx, ctx.type_k, ctx.type_v)
+        placement = plan_placement(shape, config.gpu, device_budget)
+        self.num_weight_bytes, self.num_kv_bytes = shape.weight_bytes, shape.kv_bytes
+        self.num_device_bytes = placement.device_bytes
 
     @property
     def is_resident(self) -> bool:
@@ -72,11 +88,12 @@ class ServedModel:
 
 @dataclass(frozen=True, slots=True)
 class LifecycleConfig:
-    budget_bytes: int  # weights + KV of all resident models
+    budget_bytes: int  # host memory for weights + KV of all resident models
     max_loaded: int  # resident models at most (0: no limit)
     keep_alive: float | None  # default for models loaded on demand; None: never unload
     log_level: int = logging.INFO
     client_limits: ClientLimits | None = None  # queue bound, deadline, ... for every model
+    device_budget_bytes: int = 0  # GPU memory for the offloaded part of them; 0: no GPU
 
 
 class ModelRuntime:
@@ -101,7 +118,7 @@ class ModelRuntime:
         """Serve `client` under `name` (a pinned alias, e.g. `serve --model PATH`)."""
         served = ServedModel(name, client, digest=digest, keep_alive=keep_alive,
                              default_keep_alive=keep_alive)
-        self._estimate(served, client.config.model_path, client.config.context.n_ctx)
+        self._estimate(served)
         self._attach(served)
         self._models[name] = served
         with contextlib.suppress(InvalidRequest):
@@ -204,8 +221,12 @@ class ModelRuntime:
         fits the budget."""
         path = served.client.config.model_path
         info = await asyncio.to_thread(read_gguf, path)
-        served.num_weight_bytes = info.file_size
-        served.num_kv_bytes = info.kv_bytes_per_token() * served.client.config.context.n_ctx
+        problem = kv_type_problem(info, served.client.config.context.type_k,
+                                  served.client.config.context.type_v)
+        if problem is not None:
+            raise InvalidRequest(f"Cannot load {served.name!r}: {problem}.",
+                                 code="unsupported_kv_type")
+        served.set_footprint(info, served.client.config, self.lifecycle.device_budget_bytes)
         if self._room_lock is None:
             self._room_lock = asyncio.Lock()
         deadline = time.monotonic() + _WAIT_FOR_ROOM_S
@@ -218,17 +239,12 @@ class ModelRuntime:
             served.is_loading = True
 
     async def _make_room(self, served: ServedModel) -> bool:
-        budget, max_loaded = self.lifecycle.budget_bytes, self.lifecycle.max_loaded
-        need = served.num_budget_bytes
-        if need > budget:
-            raise InvalidRequest(
-                f"Model {served.name!r} needs about {need >> 20} MiB (weights and KV for its "
-                f"context), more than the whole memory budget of {budget >> 20} MiB. Raise "
-                "--max-memory-mb or lower its context size.", code="model_too_large")
+        self._check_fits_alone(served)
+        max_loaded = self.lifecycle.max_loaded
         while True:
             others = [m for m in self._models.values() if m is not served and m.is_resident]
-            used = sum(m.num_budget_bytes for m in others)
-            if used + need <= budget and (not max_loaded or len(others) < max_loaded):
+            if self._fits_beside(served, others) and (not max_loaded
+                                                        or len(others) < max_loaded):
                 return True
             idle = [m for m in others if not m.is_loading and m.client.num_in_flight == 0]
             if not idle:
@@ -238,12 +254,32 @@ class ModelRuntime:
                 log.info("unloaded %s (least recently used) to make room for %s",
                          victim.name, served.name)
 
-    @staticmethod
-    def _estimate(served: ServedModel, path: str, n_ctx: int) -> None:
+    def _check_fits_alone(self, served: ServedModel) -> None:
+        host, device = self.lifecycle.budget_bytes, self.lifecycle.device_budget_bytes
+        if served.num_host_bytes > host:
+            raise InvalidRequest(
+                f"Model {served.name!r} needs about {served.num_host_bytes >> 20} MiB of host "
+                f"memory (weights and KV for its context, less what goes to the GPU), more "
+                f"than the whole memory budget of {host >> 20} MiB. Raise --max-memory-mb, "
+                "lower its context size or a quantized --cache-type-k/-v.",
+                code="model_too_large")
+        if served.num_device_bytes > device:
+            raise InvalidRequest(
+                f"Model {served.name!r} needs about {served.num_device_bytes >> 20} MiB of GPU "
+                f"memory for its offloaded layers, more than the GPU budget of {device >> 20} "
+                "MiB. Lower --n-gpu-layers (or use auto), or raise --max-device-memory-mb.",
+                code="model_too_large")
+
+    def _fits_beside(self, served: ServedModel, others: list[ServedModel]) -> bool:
+        """Host and device memory are budgets of their own: both must have room."""
+        host = sum(m.num_host_bytes for m in others) + served.num_host_bytes
+        device = sum(m.num_device_bytes for m in others) + served.num_device_bytes
+        return host <= self.lifecycle.budget_bytes and device <= self.lifecycle.device_budget_bytes
+
+    def _estimate(self, served: ServedModel) -> None:
         with contextlib.suppress(PensieveError):
-            info = read_gguf(Path(path))
-            served.num_weight_bytes = info.file_size
-            served.num_kv_bytes = info.kv_bytes_per_token() * n_ctx
+            info = read_gguf(Path(served.client.config.model_path))
+            served.set_footprint(info, served.client.config, self.lifecycle.device_budget_bytes)
 
     # --- keep_alive --------------------------------------------------------------------------
     def set_keep_alive(self, served: ServedModel, seconds: float | None) -> None:

@@ -19,8 +19,9 @@ from pensieve.api.app import create_app
 from pensieve.api.middleware.access import is_loopback
 from pensieve.api.middleware.limits import guarded_h11_protocol
 from pensieve.api.middleware.safety import SafetyConfig
-from pensieve.config import Settings, memory_budget_bytes, store_dir
+from pensieve.config import Settings, device_budget_bytes, memory_budget_bytes, store_dir
 from pensieve.engine.client import EngineClient
+from pensieve.engine.devices import kv_type_problem, plan_for, summary
 from pensieve.engine.engine import EngineConfig
 from pensieve.errors import PensieveError
 from pensieve.logs import setup_logging
@@ -72,9 +73,12 @@ def check_exposure(settings: Settings) -> str | None:
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_format)
     try:
-        refusal = check_exposure(settings)
         name, path = resolve_model(settings)
-        read_gguf(path)  # a corrupt file is refused here, before llama.cpp sees it
+        gguf = read_gguf(path)  # a corrupt file is refused here, before llama.cpp sees it
+        refusal = check_exposure(settings) or kv_type_problem(
+            gguf, settings.cache_type_k, settings.cache_type_v)
+        context = settings.engine_config(str(path)).context
+        hardware = summary(plan_for(gguf, context, settings.gpu_config())[1])
     except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
         return 2
@@ -93,7 +97,7 @@ def serve(settings: Settings) -> int:
                                    limits=settings.client_limits()), digest=digest)
     safety = SafetyConfig(settings.access_config(), settings.limits_config())
     app = create_app(runtime, safety)
-    _print_banner(settings, name)
+    _print_banner(settings, name, hardware)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal against the
     # handler it found; a no-op handler makes that a clean exit 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,7 +123,7 @@ def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> Mode
 
     lifecycle = LifecycleConfig(memory_budget_bytes(settings), settings.max_loaded_models,
                                 parse_keep_alive(settings.keep_alive), log_level,
-                                settings.client_limits())
+                                settings.client_limits(), device_budget_bytes(settings))
     return ModelRuntime(store, make_config, lifecycle, settings.pull_policy())
 
 
@@ -134,11 +138,11 @@ def _register_default_model(store: ModelStore, path: Path, name: str) -> None:
         log.warning("could not add the default model to the store: %s", exc)
 
 
-def _print_banner(settings: Settings, name: str) -> None:
-    console.print(banner_text(settings, name), highlight=False, soft_wrap=True)
+def _print_banner(settings: Settings, name: str, hardware: str | None = None) -> None:
+    console.print(banner_text(settings, name, hardware), highlight=False, soft_wrap=True)
 
 
-def banner_text(settings: Settings, name: str) -> str:
+def banner_text(settings: Settings, name: str, hardware: str | None = None) -> str:
     """What `pensieve serve` prints on start: where it listens, the model, how to connect."""
     scheme = "https" if settings.ssl_certfile else "http"
     listen = f"{scheme}://{settings.host}:{settings.port}"
@@ -156,4 +160,5 @@ def banner_text(settings: Settings, name: str) -> str:
         f"  openai    OpenAI(base_url=\"{url}/v1\", api_key=\"none\")",
         f"  ollama    OLLAMA_HOST={url} ollama run {name}   |   ollama.Client(host=\"{url}\")",
         f"  API       {url}/docs",
+        *([f"  hardware  {hardware}; KV cache {settings.kv_type_label}"] if hardware else []),
     ])

@@ -172,7 +172,13 @@ def test_a_turn_served_from_the_ram_tier_matches_a_fresh_computation(tmp_path: P
 
 
 def test_ram_and_disk_budgets_hold_under_many_conversations(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "--memory-ram-mb", "4", "--memory-disk-mb", "8")
+    assert_budgets_hold(tmp_path, ram_mb=4, disk_mb=8)
+
+
+def assert_budgets_hold(tmp_path: Path, *, ram_mb: int, disk_mb: int) -> None:
+    """12 short conversations on budgets too small for all of them (at f16: 4 and 8 MiB)."""
+    server = start_server(tmp_path, "--memory-ram-mb", str(ram_mb), "--memory-disk-mb",
+                          str(disk_mb))
     try:
         for i in range(12):
             turn(server, [{"role": "user", "content": f"Tell me fact number {i} about owls."}])
@@ -185,8 +191,8 @@ def test_ram_and_disk_budgets_hold_under_many_conversations(tmp_path: Path) -> N
     ram = sum(e.get("ram_bytes", 0) for e in entries)
     disk_files = list((tmp_path / "data" / "memory").glob("*/*.kv"))
     assert len(entries) >= 3  # something is remembered ...
-    assert ram <= 4 << 20  # ... within the RAM budget
-    assert sum(p.stat().st_size for p in disk_files) <= 8 << 20  # ... and the disk budget
+    assert ram <= ram_mb << 20  # ... within the RAM budget
+    assert sum(p.stat().st_size for p in disk_files) <= disk_mb << 20  # ... and the disk budget
     assert len(disk_files) < 12  # so older conversations were evicted
 
 

@@ -82,4 +82,17 @@ def _model_status(client: EngineClient) -> dict[str, object]:
     stats = client.stats
     return {"state": "ready" if client.is_running else "not loaded", "pid": client.pid,
             "num_running": stats.num_running, "num_waiting": stats.num_waiting,
-            "num_restarts": stats.num_restarts, "memory": stats.memory}
+            "num_restarts": stats.num_restarts, "memory": stats.memory,
+            "hardware": _hardware(client)}
+
+
+def _hardware(client: EngineClient) -> dict[str, object]:
+    """Where the model runs (once loaded) and its KV cache types."""
+    ctx = client.config.context
+    hardware: dict[str, object] = {"cache_type_k": ctx.type_k, "cache_type_v": ctx.type_v}
+    offload = client.info.offload if client.info is not None else None
+    if offload is not None:
+        hardware.update(backend=offload.backend, devices=list(offload.devices),
+                        gpu_layers=offload.num_gpu_layers, layers=offload.num_layers,
+                        cpu_reason=offload.cpu_reason)
+    return hardware

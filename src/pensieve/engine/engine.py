@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
+from pensieve.engine.devices import GpuConfig, place_model
 from pensieve.engine.embedder import Embedder
 from pensieve.engine.llama import Batch, Context, ContextConfig, GrammarError, Model, Sampler
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
@@ -29,6 +30,7 @@ from pensieve.engine.types import (
     ModelInfo,
     RequestAccepted,
     RequestRejected,
+    SamplingParams,
     SeqOutput,
     TokenLogprob,
 )
@@ -47,11 +49,13 @@ class EngineConfig:
     memory: MemoryConfig | None = None  # RAM and disk tiers; None: live context only
     reuse_generated: bool = True  # also reuse KV of generated tokens (off: prompt KV only)
     prefill_chunk_while_decoding: int | None = None  # None: the whole step budget
+    gpu: GpuConfig = GpuConfig()  # layers offloaded (default: as many as fit), devices
 
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
-        self.model = Model(config.model_path, use_mmap=config.use_mmap)
+        gpu, self.offload = place_model(config.model_path, config.context, config.gpu)
+        self.model = Model(config.model_path, use_mmap=config.use_mmap, gpu=gpu)
         try:
             self.ctx = Context(self.model, config.context)
         except Exception:
@@ -105,6 +109,7 @@ class Engine:
             add_bos=m.add_bos,
             load_seconds=m.load_seconds,
             metadata=m.metadata(),
+            offload=self.offload,
         )
 
     def memory_summary(self) -> dict[str, object]:
@@ -173,7 +178,8 @@ class Engine:
             tokens = list(req.prompt_tokens)
         else:
             tokens = self.tokenize(req.prompt or "", req.add_special)
-        problem = self._validate(tokens) or self._validate_params(req)
+        problem = (self._validate(tokens) or self._validate_limit(tokens, req.params)
+                   or self._validate_params(req))
         if problem is not None:
             return RequestRejected(req.request_id, problem[0], param=problem[1],
                                    code=problem[2])
@@ -205,6 +211,15 @@ class Engine:
         problem = self._outside_vocab(tokens, "Token id")
         return None if problem is None else (problem, "prompt", "invalid_token")
 
+    def _validate_limit(self, tokens: list[int],
+                        p: SamplingParams) -> tuple[str, str, str] | None:
+        """The request's own context limit (Ollama's num_ctx), within the server's."""
+        if p.max_context is None or len(tokens) < p.max_context:
+            return None
+        return (f"The prompt is {len(tokens)} tokens long, but the request limits its context "
+                f"to {p.max_context} tokens (num_ctx). Shorten the prompt or raise num_ctx "
+                f"(at most {self.n_ctx_limit}).", "options.num_ctx", "context_length_exceeded")
+
     def _outside_vocab(self, tokens: Iterable[int], what: str) -> str | None:
         """Why these token ids cannot be used, or None when all are in the vocabulary."""
         n_vocab = self.model.n_vocab
@@ -228,7 +243,7 @@ class Engine:
 
     def _make_group(self, req: EngineRequest, tokens: list[int]) -> list[Sequence]:
         p = req.params
-        room = self.n_ctx_limit - len(tokens)
+        room = min(self.n_ctx_limit, p.max_context or self.n_ctx_limit) - len(tokens)
         max_tokens = min(p.max_tokens, room) if p.max_tokens is not None else room
         base_seed = p.seed if p.seed is not None else random.getrandbits(31)
         group: list[Sequence] = []

@@ -10,11 +10,15 @@ import ctypes
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import llama_cpp as C
 import numpy as np
 
 from pensieve.engine.types import SamplingParams
+
+if TYPE_CHECKING:
+    from pensieve.engine.devices import GpuConfig
 
 log = logging.getLogger("pensieve.llama")
 
@@ -54,15 +58,47 @@ class ContextConfig:
     kv_unified: bool
     embeddings: bool = False  # an embeddings context: pooled vectors per sequence, no logits
     pooling: int | None = None  # llama_pooling_type; None: the model's own
+    type_k: str = "f16"  # KV cache types, names of KV_CACHE_TYPES
+    type_v: str = "f16"
+
+
+@dataclass(frozen=True, slots=True)
+class KvCacheType:
+    ggml_type: int
+    block_size: int  # elements per block: a row's length must be a multiple of it
+    block_bytes: int
+
+    @property
+    def bytes_per_element(self) -> float:
+        return self.block_bytes / self.block_size
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.block_size > 1
+
+
+# The cache types llama-server accepts (--cache-type-k/-v), with ggml's block layouts.
+KV_CACHE_TYPES = {
+    "f32": KvCacheType(C.GGML_TYPE_F32, 1, 4),
+    "f16": KvCacheType(C.GGML_TYPE_F16, 1, 2),
+    "bf16": KvCacheType(30, 1, 2),  # GGML_TYPE_BF16 (not bound by llama-cpp-python)
+    "q8_0": KvCacheType(C.GGML_TYPE_Q8_0, 32, 34),
+    "q4_0": KvCacheType(C.GGML_TYPE_Q4_0, 32, 18),
+    "q4_1": KvCacheType(C.GGML_TYPE_Q4_1, 32, 20),
+    "iq4_nl": KvCacheType(C.GGML_TYPE_IQ4_NL, 32, 18),
+    "q5_0": KvCacheType(C.GGML_TYPE_Q5_0, 32, 22),
+    "q5_1": KvCacheType(C.GGML_TYPE_Q5_1, 32, 24),
+}
+
+_SPLIT_MODES = {"none": C.LLAMA_SPLIT_MODE_NONE, "layer": C.LLAMA_SPLIT_MODE_LAYER,
+                "row": C.LLAMA_SPLIT_MODE_ROW, "tensor": C.LLAMA_SPLIT_MODE_TENSOR}
 
 
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: str, *, use_mmap: bool = True) -> None:
-        params = C.llama_model_default_params()
-        params.n_gpu_layers = 0
-        params.use_mmap = use_mmap
+    def __init__(self, path: str, *, use_mmap: bool = True, gpu: GpuConfig | None = None) -> None:
+        params = model_params(gpu, use_mmap=use_mmap)
         started = time.perf_counter()
         handle = C.llama_model_load_from_file(path.encode(), params)
         if not handle:
@@ -176,6 +212,28 @@ class Model:
         return bool(C.llama_vocab_get_add_bos(self.vocab))
 
 
+def model_params(gpu: GpuConfig | None, *, use_mmap: bool) -> C.llama_model_params:
+    """llama.cpp's model parameters for these GPU settings (None: CPU only; `n_gpu_layers`
+    must be resolved, not auto)."""
+    params: C.llama_model_params = C.llama_model_default_params()
+    params.use_mmap = use_mmap
+    params.n_gpu_layers = 0
+    if gpu is None:
+        return params
+    assert gpu.n_gpu_layers is not None, "resolve auto before loading"
+    params.n_gpu_layers = gpu.n_gpu_layers
+    params.main_gpu = gpu.main_gpu
+    params.split_mode = _SPLIT_MODES[gpu.split_mode]
+    if gpu.tensor_split:
+        n = int(C.llama_max_devices())
+        if len(gpu.tensor_split) > n:
+            raise LlamaError(f"--tensor-split has {len(gpu.tensor_split)} parts, but this "
+                             f"build supports at most {n} devices")
+        # ctypes keeps the array alive in the struct's _objects once assigned
+        params.tensor_split = (ctypes.c_float * n)(*gpu.tensor_split)
+    return params
+
+
 _FLASH_ATTN = {
     "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -183,28 +241,36 @@ _FLASH_ATTN = {
 }
 
 
+def context_params(config: ContextConfig) -> C.llama_context_params:
+    params: C.llama_context_params = C.llama_context_default_params()
+    params.n_ctx = config.n_ctx
+    params.n_batch = config.n_batch
+    params.n_ubatch = config.n_ubatch
+    params.n_seq_max = config.n_seq_max
+    params.n_threads = config.n_threads
+    params.n_threads_batch = config.n_threads_batch
+    params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+    params.kv_unified = config.kv_unified
+    params.type_k = KV_CACHE_TYPES[config.type_k].ggml_type
+    params.type_v = KV_CACHE_TYPES[config.type_v].ggml_type
+    params.embeddings = config.embeddings
+    if config.pooling is not None:
+        params.pooling_type = config.pooling
+    params.no_perf = True
+    return params
+
+
 class Context:
     """One llama context shared by all sequences of a model, each under its own seq_id."""
 
     def __init__(self, model: Model, config: ContextConfig) -> None:
-        params = C.llama_context_default_params()
-        params.n_ctx = config.n_ctx
-        params.n_batch = config.n_batch
-        params.n_ubatch = config.n_ubatch
-        params.n_seq_max = config.n_seq_max
-        params.n_threads = config.n_threads
-        params.n_threads_batch = config.n_threads_batch
-        params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
-        params.kv_unified = config.kv_unified
-        params.embeddings = config.embeddings
-        if config.pooling is not None:
-            params.pooling_type = config.pooling
-        params.no_perf = True
-        handle = C.llama_init_from_model(model.handle, params)
+        handle = C.llama_init_from_model(model.handle, context_params(config))
         if not handle:
             raise LlamaError(
                 f"llama.cpp could not create a context (n_ctx={config.n_ctx}, "
-                f"n_seq_max={config.n_seq_max}); try a smaller --ctx-size or --parallel"
+                f"n_seq_max={config.n_seq_max}, cache types K {config.type_k} V "
+                f"{config.type_v}); try a smaller --ctx-size or --parallel (a quantized V "
+                "cache also needs flash attention on the device)"
             )
         self.handle = handle
         self.model = model

@@ -38,6 +38,7 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     grammar: str | None = None  # GBNF that constrains the output (structured output, tools)
+    max_context: int | None = None  # the request's own context limit (Ollama's num_ctx)
 
     @property
     def is_greedy(self) -> bool:
@@ -205,6 +206,7 @@ class ModelInfo:
     add_bos: bool
     load_seconds: float
     metadata: dict[str, str] = field(default_factory=dict)
+    offload: OffloadInfo | None = None  # where it runs (CPU, or layers on GPUs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,3 +217,14 @@ class WorkerReady:
 @dataclass(frozen=True, slots=True)
 class WorkerFailed:
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadInfo:
+    """Where a loaded model runs: the backend, its devices, and the layers offloaded to them."""
+
+    backend: str  # "CPU", "CUDA", "Metal", "Vulkan", "ROCm" ...
+    devices: tuple[str, ...]
+    num_gpu_layers: int
+    num_layers: int  # offloadable layers: the repeating ones plus the output layer
+    cpu_reason: str | None = None  # why a model runs on the CPU only, when it is not a choice

@@ -130,16 +130,23 @@ class GgufInfo:
         value = self.metadata.get("tokenizer.chat_template")
         return value if isinstance(value, str) else None
 
-    def kv_bytes_per_token(self) -> int:
-        """f16 K and V bytes per token over all layers (an upper bound for sliding-window
-        models), for the memory budget."""
-        n_layer = _int(self.arch_value("block_count"), 0)
-        n_embd = _int(self.arch_value("embedding_length"), 0)
+    def kv_bytes_per_token(self, bytes_k: float = 2.0, bytes_v: float = 2.0) -> int:
+        """K and V bytes per token over all layers (an upper bound for sliding-window
+        models), for the memory budget; f16 unless told the bytes per element."""
         n_head = _int(self.arch_value("attention.head_count"), 1) or 1
         n_head_kv = _int(self.arch_value("attention.head_count_kv"), n_head) or n_head
-        head_k = _int(self.arch_value("attention.key_length"), n_embd // n_head)
-        head_v = _int(self.arch_value("attention.value_length"), n_embd // n_head)
-        return n_layer * n_head_kv * (head_k + head_v) * 2
+        head_k, head_v = self.head_dims()
+        return round(self.num_layers() * n_head_kv * (head_k * bytes_k + head_v * bytes_v))
+
+    def head_dims(self) -> tuple[int, int]:
+        """The K and V head sizes (a quantized KV cache needs them divisible by its block)."""
+        n_embd = _int(self.arch_value("embedding_length"), 0)
+        n_head = _int(self.arch_value("attention.head_count"), 1) or 1
+        return (_int(self.arch_value("attention.key_length"), n_embd // n_head),
+                _int(self.arch_value("attention.value_length"), n_embd // n_head))
+
+    def num_layers(self) -> int:
+        return _int(self.arch_value("block_count"), 0)
 
 
 def _int(value: object, default: int) -> int:

@@ -328,7 +328,7 @@ async def ps(request: Request) -> dict[str, Any]:
         info = client.info
         rows.append({
             "name": served.name, "model": served.name, "digest": served.digest or "",
-            "size": served.num_budget_bytes, "size_vram": 0,
+            "size": served.num_budget_bytes, "size_vram": served.num_device_bytes,
             "expires_at": _iso(expires) if expires else "0001-01-01T00:00:00Z",
             "context_length": info.n_ctx if info else None,
             "details": {"format": "gguf"},

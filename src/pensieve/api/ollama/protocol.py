@@ -33,6 +33,7 @@ _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv
 class Options(StrictBody):
     """Ollama's `options`, the runtime ones mapped onto `SamplingParams`."""
 
+    # a limit on prompt + answer within the server's context (more than it: a 400)
     num_ctx: int | None = Field(None, ge=1, le=1 << 24)
     num_predict: int | None = Field(None, ge=-2, le=1 << 20)
     temperature: float | None = Field(None, ge=0.0, le=100.0)
@@ -74,6 +75,13 @@ class Options(StrictBody):
             log.info("ignoring unknown options: %s", ", ".join(sorted(extra - _LOAD_OPTIONS)))
         if self.typical_p not in (None, 1.0):
             log.info("typical_p is not supported; sampling without it")
+        if self.num_ctx is not None and self.num_ctx > n_ctx:
+            raise InvalidRequest(
+                f"options.num_ctx={self.num_ctx} is more than this server's context of {n_ctx} "
+                "tokens per conversation: send num_ctx of at most that, or none, or start the "
+                "server with a larger --ctx-size.", param="options.num_ctx",
+                code="context_length_exceeded")
+        n_ctx = self.num_ctx or n_ctx  # a per-request limit within the server's context
         seed = self.seed
         return SamplingParams(
             max_tokens=self.num_predict if self.num_predict and self.num_predict > 0 else None,
@@ -87,6 +95,7 @@ class Options(StrictBody):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=tuple(self.stop or ()),
+            max_context=self.num_ctx,
         )
 
 
