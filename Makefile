@@ -37,7 +37,7 @@ test: install-test chromium
 
 # The configuration reference is generated from the settings model (a unit test checks it).
 docs: install
-	$(BIN)/python -m pensieve.config_docs docs/configuration.md
+	$(BIN)/python -m pensieve.cli.config_docs docs/configuration.md
 
 lint: install-test
 	$(BIN)/ruff check src tests bench

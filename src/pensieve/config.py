@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -17,12 +17,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pensieve.api.middleware.access import AccessConfig, load_key_file
-from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.engine.client import ClientLimits
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig
 from pensieve.memory.store import MemoryConfig, namespace_for
+
+if TYPE_CHECKING:  # the HTTP stack is imported where used: `serve` reads the settings (and
+    # starts loading the model) before it imports FastAPI and uvicorn
+    from pensieve.api.middleware.access import AccessConfig
+    from pensieve.api.middleware.limits import LimitsConfig
 
 
 def default_data_dir() -> Path:
@@ -210,17 +213,23 @@ class Settings(BaseSettings):
 
 
     def all_api_keys(self) -> tuple[str, ...]:
+        from pensieve.api.middleware.access import load_key_file
+
         keys = list(self.api_keys)
         if self.api_key_file is not None:
             keys.extend(load_key_file(self.api_key_file))
         return tuple(dict.fromkeys(keys))
 
     def access_config(self) -> AccessConfig:
+        from pensieve.api.middleware.access import AccessConfig
+
         return AccessConfig(api_keys=self.all_api_keys(), bind_host=self.host,
                             allowed_hosts=tuple(self.allowed_hosts),
                             cors_origins=tuple(self.cors_origins))
 
     def limits_config(self) -> LimitsConfig:
+        from pensieve.api.middleware.limits import LimitsConfig
+
         return LimitsConfig(max_body_bytes=self.max_body_bytes,
                             max_header_bytes=self.max_header_bytes,
                             read_timeout_s=self.read_timeout)

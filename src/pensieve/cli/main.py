@@ -1,29 +1,23 @@
-"""Command line: `pensieve serve`, `pensieve run`, `pensieve version`, `pensieve cache`. Flags of
-`serve` are generated from `Settings`."""
+"""Command line: `pensieve serve|run|version|cache|pull|import|list|show|rm|cp|ps`. Flags of
+`serve` are generated from `Settings`.
+
+Light to import on purpose: a worker process spawned from `pensieve` (the console script) runs
+the script again, and so imports this module; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import ValidationError
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, Literal
 
 from pensieve import __version__
-from pensieve.cache_cli import add_cache_parser, run_cache
-from pensieve.chat_cli import add_run_parser, parse_run_args, run_chat
-from pensieve.config import Settings, load_settings
-from pensieve.models_cli import COMMANDS as MODEL_COMMANDS
-from pensieve.models_cli import add_models_parsers, run_models
 
-console = Console(stderr=True)
-log = logging.getLogger("pensieve")
-
+if TYPE_CHECKING:
+    from pensieve.engine.worker import WorkerProcess
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
     origin = typing.get_origin(annotation)
@@ -40,6 +34,8 @@ def _flag_kwargs(annotation: Any) -> dict[str, Any]:
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    from pensieve.config import Settings
+
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
@@ -49,6 +45,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pensieve.cli.cache import add_cache_parser
+    from pensieve.cli.models import add_models_parsers
+    from pensieve.cli.run import add_run_parser
+
     parser = argparse.ArgumentParser(prog="pensieve", description="Pensieve LLM server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve a model over the OpenAI API")
@@ -65,28 +65,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["version"]:  # without the parser, which imports the settings
+        print(f"pensieve {__version__}")
+        return 0
     if argv[:1] == ["run"]:  # options may follow the prompt: parsed on their own, intermixed
-        return run_chat(parse_run_args(argv[1:]), console)
-    args = build_parser().parse_args(argv)
+        from pensieve.cli.run import parse_run_args, run_chat
+
+        return run_chat(parse_run_args(argv[1:]), _console(stderr=True))
+    worker = _early_worker(argv)
+    try:
+        return _dispatch(build_parser().parse_args(argv), worker)
+    finally:
+        if worker is not None:  # unused (a bad flag, a refused start), or already stopped
+            worker.discard()
+
+
+def _dispatch(args: argparse.Namespace, worker: WorkerProcess | None) -> int:
     if args.command == "version":
         print(f"pensieve {__version__}")
         return 0
     if args.command == "cache":
-        return run_cache(args, Console())
-    if args.command in MODEL_COMMANDS:
-        return run_models(args, Console())
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in Settings.model_fields and v is not None}
-    try:
-        settings = load_settings(overrides, args.config)
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]Invalid configuration:[/red] {exc}\nEvery setting, its flag, "
-                      "variable and allowed values: `pensieve serve --help` or "
-                      "docs/configuration.md.", highlight=False)
-        return 2
-    from pensieve.server import serve  # imported late: keeps `pensieve version` fast
+        from pensieve.cli.cache import run_cache
 
-    return serve(settings)
+        return run_cache(args, _console())
+    from pensieve.cli import models
+
+    if args.command in models.COMMANDS:
+        return models.run_models(args, _console())
+    from pensieve.cli.serve import serve_command
+
+    return serve_command(args, worker)
+
+
+def _early_worker(argv: list[str]) -> WorkerProcess | None:
+    """For `pensieve serve`, a model worker started before anything heavy is imported: it
+    imports llama.cpp while this process imports the server, then loads the model as soon as
+    `serve` knows which (`EngineClient.adopt`)."""
+    if argv[:1] != ["serve"] or {"-h", "--help"} & set(argv):
+        return None
+    from pensieve.engine.worker import spawn_worker
+
+    return spawn_worker()
+
+
+def _console(*, stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 
 if __name__ == "__main__":

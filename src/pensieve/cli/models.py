@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from pensieve.cli.http import DEFAULT_URL, ApiClient, CliError
 from pensieve.config import Settings, store_dir
 from pensieve.errors import PensieveError
 from pensieve.store import describe
@@ -35,7 +33,6 @@ from pensieve.store.gguf import read_gguf
 from pensieve.store.pull import PullProgress, pull
 from pensieve.store.store import ModelDefaults, ModelStore
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 COMMANDS = ("pull", "import", "list", "show", "rm", "cp", "ps")
 
 
@@ -69,8 +66,7 @@ def add_models_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("source")
     p.add_argument("destination")
     sub.add_parser("ps", help="Models loaded in a running server").add_argument(
-        "--url", default=os.environ.get("PENSIEVE_URL", DEFAULT_URL),
-        help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
+        "--url", default=None, help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
 
 
 def run_models(args: argparse.Namespace, console: Console) -> int:
@@ -179,12 +175,11 @@ def _cp(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
 
 
 def _ps(args: argparse.Namespace, console: Console) -> int:
-    url = f"{args.url.rstrip('/')}/api/ps"
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body: dict[str, Any] = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        console.print(f"[red]Cannot reach a Pensieve server at {args.url}:[/red] {exc}")
+        with ApiClient.from_env(args.url, timeout=10) as client:
+            body: dict[str, Any] = client.get("/api/ps")
+    except CliError as exc:
+        console.print(f"[red]Error:[/red] {exc}", highlight=False)
         return 1
     table = Table("NAME", "PID", "BUDGET", "RESIDENT", "LOAD TIME", "CONTEXT", "UNTIL",
                   box=None)

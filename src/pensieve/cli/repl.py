@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pensieve.chat_client import AnswerStats, ChatClient, ChatError
+from pensieve.cli.http import AnswerStats, ApiClient, CliError
 from pensieve.config import default_data_dir
 
 PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
@@ -55,7 +55,7 @@ def parse_value(text: str) -> Any:
 
 
 class Repl:
-    def __init__(self, client: ChatClient, session: ChatSession, console: Console) -> None:
+    def __init__(self, client: ApiClient, session: ChatSession, console: Console) -> None:
         self.client = client
         self.session = session
         self.console = console
@@ -129,7 +129,7 @@ class Repl:
         except KeyboardInterrupt:
             self.console.print("\n[yellow]stopped[/yellow] (not kept in the conversation)")
             return
-        except ChatError as exc:
+        except CliError as exc:
             self.console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
             return
         self.session.messages += [{"role": "user", "content": text},

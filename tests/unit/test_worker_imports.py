@@ -1,0 +1,42 @@
+"""Start-up stays fast only while the model worker and the command line import little: the worker
+is spawned first and loads the model while the API server imports its stack, and a worker
+spawned from the `pensieve` script re-runs the script, so it imports `pensieve.cli.main` too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HTTP_STACK = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "rich",
+              "httpx", "huggingface_hub", "prometheus_client", "pensieve.api", "pensieve.config")
+
+
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code`."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def heavy(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_the_worker_imports_the_engine_and_not_the_http_stack() -> None:
+    modules = modules_after("from pensieve.engine.worker import import_engine\n"
+                            "import_engine()")
+    assert "pensieve.engine.engine" in modules  # it did import the engine
+    assert heavy(modules, HTTP_STACK) == []
+
+
+def test_spawning_a_worker_imports_no_engine_in_the_parent() -> None:
+    # `pensieve serve` spawns the worker before it reads its settings: that must stay cheap
+    modules = modules_after("import pensieve.engine.worker")
+    assert heavy(modules, (*HTTP_STACK, "llama_cpp", "numpy", "pensieve.engine.engine")) == []
+
+
+def test_the_command_line_entry_point_is_light() -> None:
+    modules = modules_after("import pensieve.cli.main")
+    assert heavy(modules, (*HTTP_STACK, "llama_cpp", "numpy", "pensieve.engine")) == []
