@@ -40,3 +40,12 @@ def test_spawning_a_worker_imports_no_engine_in_the_parent() -> None:
 def test_the_command_line_entry_point_is_light() -> None:
     modules = modules_after("import pensieve.cli.main")
     assert heavy(modules, (*HTTP_STACK, "llama_cpp", "numpy", "pensieve.engine")) == []
+
+
+def test_client_commands_do_not_import_the_server() -> None:
+    # `pensieve run|ps|cache` talk to a server over HTTP: no settings, engine or FastAPI
+    modules = modules_after("from pensieve.cli.main import build_parser\n"
+                            "build_parser(serve_flags=False)")
+    assert "pensieve.cli.run" in modules
+    assert heavy(modules, ("fastapi", "uvicorn", "pydantic_settings", "pensieve.config",
+                           "pensieve.engine", "llama_cpp", "numpy")) == []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +108,8 @@ class ApiClient:
         return [m["id"] for m in self.get("/v1/models")["data"]]
 
     # --- streamed chat ---------------------------------------------------------------------------
-    def stream_chat(self, body: dict[str, Any], stats: AnswerStats) -> Iterator[str]:
+    def stream_chat(self, body: dict[str, Any], stats: AnswerStats
+                    ) -> Generator[str, None, None]:
         """Yield the answer's text pieces; fill `stats` as the stream goes."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         started, first = time.monotonic(), None

@@ -44,7 +44,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
                             **_flag_kwargs(field.annotation))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; `serve`'s flags (generated from the settings, which import the
+    engine) only when `serve_flags`, so other commands start quickly."""
     from pensieve.cli.cache import add_cache_parser
     from pensieve.cli.models import add_models_parsers
     from pensieve.cli.run import add_run_parser
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=None,
                        help="TOML config file (keys are the flag names with underscores) "
                             "[env PENSIEVE_CONFIG]")
-    add_settings_flags(serve)
+    if serve_flags:
+        add_settings_flags(serve)
     sub.add_parser("version", help="Print the version")
     add_cache_parser(sub)
     add_run_parser(sub)
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_chat(parse_run_args(argv[1:]), _console(stderr=True))
     worker = _early_worker(argv)
     try:
-        return _dispatch(build_parser().parse_args(argv), worker)
+        parser = build_parser(serve_flags=argv[:1] == ["serve"])
+        return _dispatch(parser.parse_args(argv), worker)
     finally:
         if worker is not None:  # unused (a bad flag, a refused start), or already stopped
             worker.discard()

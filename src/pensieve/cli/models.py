@@ -11,7 +11,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,12 +26,13 @@ from rich.progress import (
 from rich.table import Table
 
 from pensieve.cli.http import DEFAULT_URL, ApiClient, CliError
-from pensieve.config import Settings, store_dir
 from pensieve.errors import PensieveError
 from pensieve.store import describe
 from pensieve.store.gguf import read_gguf
-from pensieve.store.pull import PullProgress, pull
 from pensieve.store.store import ModelDefaults, ModelStore
+
+if TYPE_CHECKING:
+    from pensieve.store.pull import PullProgress
 
 COMMANDS = ("pull", "import", "list", "show", "rm", "cp", "ps")
 
@@ -82,10 +83,14 @@ def run_models(args: argparse.Namespace, console: Console) -> int:
 def _open_store(args: argparse.Namespace) -> ModelStore:
     overrides = {k: v for k in ("data_dir", "models_dir")
                  if (v := getattr(args, k, None)) is not None}
+    from pensieve.config import Settings, store_dir  # here: `ps` needs no settings
+
     return ModelStore(store_dir(Settings(**overrides)))  # type: ignore[arg-type]
 
 
 def _pull(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
+    from pensieve.store.pull import pull
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:

@@ -15,7 +15,6 @@ from typing import Any
 from rich.console import Console
 
 from pensieve.cli.http import AnswerStats, ApiClient, CliError
-from pensieve.config import default_data_dir
 
 PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
 SETTABLE = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "stop",
@@ -199,6 +198,8 @@ class _History:
             import readline
         except ImportError:  # not on every platform; input() still works
             return cls(None)
+        from pensieve.config import default_data_dir  # late: the settings import the engine
+
         path = Path(os.environ.get("PENSIEVE_HISTORY_FILE")
                     or default_data_dir() / "run_history")
         readline.set_history_length(1000)
