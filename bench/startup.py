@@ -36,7 +36,6 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import BENCH_DIR, HOST, SERVERS, ServerProcess, free_port  # noqa: E402
 
-from pensieve.cli.serve import model_name_for  # noqa: E402
 from pensieve.config import default_data_dir  # noqa: E402
 from pensieve.store.default_model import (  # noqa: E402
     DEFAULT_MODEL_NAME,
@@ -77,9 +76,11 @@ class Contender:
     before_launch: Callable[[], None] = lambda: None
 
 
-def pensieve_contender(command: str, data_dir: Path, model: Path | None) -> Contender:
+def pensieve_contender(label: str, command: str, data_dir: Path, model: Path | None,
+                       threads: int | None) -> Contender:
     def argv(port: int) -> list[str]:
         extra = ["--model", str(model)] if model else []
+        extra += ["--threads", str(threads)] if threads else []
         return [*shlex.split(command), "--host", HOST, "--port", str(port),
                 "--data-dir", str(data_dir), *extra]
 
@@ -87,13 +88,19 @@ def pensieve_contender(command: str, data_dir: Path, model: Path | None) -> Cont
         shutil.rmtree(data_dir / "memory", ignore_errors=True)
 
     # /ready: 503 until a model can serve (/health answers 200 while loading)
-    name = model_name_for(model) if model else DEFAULT_MODEL_NAME
-    return Contender("pensieve", argv, "/ready", name, forget_memory)
+    if model is None:
+        name = DEFAULT_MODEL_NAME
+    else:
+        from pensieve.cli.serve import model_name_for
+
+        name = model_name_for(model)
+    return Contender(label, argv, "/ready", name, forget_memory)
 
 
-def llama_server_contender(binary: Path, model: Path) -> Contender:
+def llama_server_contender(binary: Path, model: Path, threads: int | None) -> Contender:
     def argv(port: int) -> list[str]:
-        return [str(binary), "-m", str(model), "--host", HOST, "--port", str(port)]
+        extra = ["-t", str(threads), "-tb", str(threads)] if threads else []
+        return [str(binary), "-m", str(model), "--host", HOST, "--port", str(port), *extra]
 
     return Contender("llama-server", argv, SERVERS["llama-server"].ready_path, model.name)
 
@@ -183,9 +190,14 @@ def parse_args() -> argparse.Namespace:
                    help="llama-server binary [env LLAMA_SERVER; default %(default)s]")
     p.add_argument("--pensieve-command", default=f"{sys.executable} -m pensieve.cli serve",
                    help="how to launch Pensieve [default: %(default)s]")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=COMMAND",
+                   help="another Pensieve to time alongside, e.g. an older checkout: "
+                        "'before=env PYTHONPATH=../old/src python -m pensieve.cli serve'")
     p.add_argument("--model", type=Path, default=None,
                    help="a GGUF for both servers [default: Pensieve's embedded default model, "
                         "which `pensieve serve` then finds on its own]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for both servers [default: each server's own default]")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per launch")
     p.add_argument("--json-out", type=Path, default=None)
     return p.parse_args()
@@ -198,16 +210,23 @@ def contenders(args: argparse.Namespace, data_dir: Path) -> list[Contender]:
     found = []
     for name in args.servers.split(","):
         if name == "pensieve":
-            found.append(pensieve_contender(args.pensieve_command, data_dir, args.model))
+            found.append(pensieve_contender(name, args.pensieve_command, data_dir, args.model,
+                                            args.threads))
         elif name == "llama-server":
             if not (args.llama_server.is_file() and os.access(args.llama_server, os.X_OK)):
                 print(f"skipping llama-server: no {args.llama_server} (build it with "
                       "`bash bench/build_llama_server.sh`, or pass --llama-server / "
                       "$LLAMA_SERVER)", file=sys.stderr)
                 continue
-            found.append(llama_server_contender(args.llama_server, model))
+            found.append(llama_server_contender(args.llama_server, model, args.threads))
         else:
             raise SystemExit(f"unknown server {name!r}: pensieve or llama-server")
+    for item in args.also:
+        label, _, command = item.partition("=")
+        found.append(pensieve_contender(label, command, data_dir / label, args.model,
+                                        args.threads))
+        if args.model is None:
+            link_default_model(model, data_dir / label)
     return found
 
 
