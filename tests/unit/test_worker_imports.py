@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+NOT_IN_WORKER = ("jinja2", "llama_cpp.llama", "llama_cpp.llama_chat_format", "diskcache")
 HTTP_STACK = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "rich",
               "httpx", "huggingface_hub", "prometheus_client", "pensieve.api", "pensieve.config")
 
@@ -27,8 +28,18 @@ def heavy(modules: set[str], names: tuple[str, ...]) -> list[str]:
 def test_the_worker_imports_the_engine_and_not_the_http_stack() -> None:
     modules = modules_after("from pensieve.engine.worker import import_engine\n"
                             "import_engine()")
-    assert "pensieve.engine.engine" in modules  # it did import the engine
-    assert heavy(modules, HTTP_STACK) == []
+    assert {"pensieve.engine.engine", "llama_cpp.llama_cpp"} <= modules  # the engine is there
+    assert heavy(modules, (*HTTP_STACK, *NOT_IN_WORKER)) == []
+
+
+def test_the_worker_loads_the_bindings_the_engine_uses() -> None:
+    # llama_cpp without its package __init__ still offers every low-level name
+    modules = modules_after("from pensieve.engine.worker import import_engine\n"
+                            "import_engine()\n"
+                            "import llama_cpp, llama_cpp.llama_cpp as low\n"
+                            "assert llama_cpp.llama_decode is low.llama_decode\n"
+                            "assert llama_cpp.llama_batch is low.llama_batch")
+    assert "llama_cpp.llama_cpp" in modules
 
 
 def test_spawning_a_worker_imports_no_engine_in_the_parent() -> None:

@@ -12,10 +12,13 @@ stack. This module is therefore light to import: the engine is imported inside t
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,12 +112,30 @@ def run_worker(conn: Connection) -> None:
 
 
 def import_engine() -> tuple[type[Engine], Callable[[], None]]:
-    """Everything the worker imports beyond this module: the engine, llama.cpp and numpy (never
-    the HTTP stack; tests/unit/test_worker_imports.py checks)."""
+    """Everything the worker imports beyond this module: the engine, llama.cpp's bindings and
+    numpy (never the HTTP stack; tests/unit/test_worker_imports.py checks)."""
+    _import_bindings_only()
     from pensieve.engine.engine import Engine
     from pensieve.engine.llama import init_backend
 
     return Engine, init_backend
+
+
+def _import_bindings_only() -> None:
+    """Make `llama_cpp` the low-level bindings alone, as the engine uses it (`C.llama_decode`).
+    The package's own `__init__` also imports its high-level API (chat formats with Jinja, a
+    disk cache, ...), which the engine never uses: about a third of the worker's imports.
+    The package is created from its spec without running `__init__`, then given the names
+    `from .llama_cpp import *` would give it."""
+    if "llama_cpp" in sys.modules:
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.submodule_search_locations is None:
+        return  # not a regular package: let the normal import say what is wrong
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["llama_cpp"] = package
+    bindings = importlib.import_module("llama_cpp.llama_cpp")
+    package.__dict__.update({k: v for k, v in vars(bindings).items() if not k.startswith("_")})
 
 
 def _setup_logging(log_level: int, log_format: str) -> None:
