@@ -53,6 +53,7 @@ DEFAULT_LLAMA_SERVER = BENCH_DIR / ".build" / "cmake" / "bin" / "llama-server"
 class Launch:
     ready_s: float  # launch -> the readiness URL answers 200
     first_token_s: float  # launch -> the first streamed token of the answer
+    cpu_s: float  # CPU time the server's processes used until then (steadier on a busy box)
 
 
 @dataclass(slots=True)
@@ -116,9 +117,24 @@ def time_launch(contender: Contender, log_path: Path, timeout_s: float) -> Launc
         try:
             ready = _poll_ready(client, server, contender.ready_path, started + timeout_s)
             first = _first_token(client, contender.model)
+            cpu = session_cpu_seconds(server.pid)
         finally:
             server.stop()
-    return Launch(ready - started, first - started)
+    return Launch(ready - started, first - started, cpu)
+
+
+def session_cpu_seconds(sid: int | None) -> float:
+    """User + system CPU of every process in session `sid` (the server runs in its own),
+    with the children they have reaped."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if sid is not None and int(fields[3]) == sid:  # fields[0] is the state
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _poll_ready(client: httpx.Client, server: ServerProcess, path: str, deadline: float) -> float:
@@ -152,14 +168,16 @@ def print_table(runs: list[ServerRuns], num_rounds: int) -> None:
     baseline = next((r for r in runs if r.name == "llama-server" and r.launches), None)
     print(f"\nlaunch to first streamed token, median of {num_rounds} alternating rounds "
           "(shared machine: noisy)")
-    header = f"{'server':<14}{'first token s':>14}{'min':>8}{'max':>8}{'ready s':>10}"
+    header = (f"{'server':<14}{'first token s':>14}{'min':>8}{'max':>8}{'ready s':>10}"
+              f"{'CPU s':>8}")
     print(header + ("  vs llama-server" if baseline else ""))
     for r in runs:
         if not r.launches:
             continue
         first = [x.first_token_s for x in r.launches]
         line = (f"{r.name:<14}{r.median(lambda x: x.first_token_s):>14.2f}{min(first):>8.2f}"
-                f"{max(first):>8.2f}{r.median(lambda x: x.ready_s):>10.2f}")
+                f"{max(first):>8.2f}{r.median(lambda x: x.ready_s):>10.2f}"
+                f"{r.median(lambda x: x.cpu_s):>8.2f}")
         if baseline:
             ratio = r.median(lambda x: x.first_token_s) / baseline.median(
                 lambda x: x.first_token_s)
@@ -245,8 +263,9 @@ def main() -> int:
             for c, r in order if i % 2 == 0 else reversed(order):
                 r.launches.append(time_launch(c, LOG_DIR / f"startup-{c.name}.log",
                                               args.timeout))
-                print(f"round {i + 1} {c.name}: first token {r.launches[-1].first_token_s:.2f} s"
-                      f" (ready {r.launches[-1].ready_s:.2f} s)", file=sys.stderr)
+                last = r.launches[-1]
+                print(f"round {i + 1} {c.name}: first token {last.first_token_s:.2f} s "
+                      f"(ready {last.ready_s:.2f} s, CPU {last.cpu_s:.2f} s)", file=sys.stderr)
     print_table(runs, args.rounds)
     if args.json_out:
         args.json_out.write_text(json.dumps([asdict(r) for r in runs], indent=2))
