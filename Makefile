@@ -61,7 +61,7 @@ test: install-test $(GPU_STAMP) chromium
 
 # The configuration reference is generated from the settings model (a unit test checks it).
 docs: install
-	$(BIN)/python -m pensieve.config_docs docs/configuration.md
+	$(BIN)/python -m pensieve.cli.config_docs docs/configuration.md
 
 # ruff on everything; mypy (configured in pyproject.toml) on src/pensieve.
 lint: install-test

@@ -180,6 +180,13 @@ class ServerProcess:
                 time.sleep(0.25)
         raise ServerNotReady(f"{self.ready_url} not ready after {timeout_s:.0f} s")
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def has_exited(self) -> bool:
+        return self._process is None or self._process.poll() is not None
+
     def _probe(self, client: httpx.Client) -> bool:
         try:
             return client.get(self.ready_url).status_code == 200

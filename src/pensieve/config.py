@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -17,8 +17,6 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pensieve.api.middleware.access import AccessConfig, load_key_file
-from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.engine.client import ClientLimits
 from pensieve.engine.devices import GpuConfig, list_gpus, usable_bytes
 from pensieve.engine.engine import EngineConfig
@@ -27,6 +25,11 @@ from pensieve.memory.store import MemoryConfig, namespace_for
 from pensieve.store.netguard import NetPolicy
 
 KvCacheTypeName = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32"]
+
+if TYPE_CHECKING:  # the HTTP stack is imported where used: `serve` reads the settings (and
+    # starts loading the model) before it imports FastAPI and uvicorn
+    from pensieve.api.middleware.access import AccessConfig
+    from pensieve.api.middleware.limits import LimitsConfig
 
 
 def default_data_dir() -> Path:
@@ -289,12 +292,16 @@ class Settings(BaseSettings):
 
 
     def all_api_keys(self) -> tuple[str, ...]:
+        from pensieve.api.middleware.access import load_key_file
+
         keys = list(self.api_keys)
         if self.api_key_file is not None:
             keys.extend(load_key_file(self.api_key_file))
         return tuple(dict.fromkeys(keys))
 
     def access_config(self) -> AccessConfig:
+        from pensieve.api.middleware.access import AccessConfig
+
         return AccessConfig(api_keys=self.all_api_keys(), bind_host=self.host,
                             allowed_hosts=tuple(self.allowed_hosts),
                             cors_origins=tuple(self.cors_origins))
@@ -303,6 +310,8 @@ class Settings(BaseSettings):
         return NetPolicy.from_entries(self.pull_allow)
 
     def limits_config(self) -> LimitsConfig:
+        from pensieve.api.middleware.limits import LimitsConfig
+
         return LimitsConfig(max_body_bytes=self.max_body_bytes,
                             max_header_bytes=self.max_header_bytes,
                             read_timeout_s=self.read_timeout)

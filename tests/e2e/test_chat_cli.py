@@ -15,7 +15,8 @@ import pexpect
 import pytest
 from openai import OpenAI
 
-from pensieve.chat_client import AnswerStats, ChatClient
+from pensieve.cli.http import AnswerStats
+from pensieve.cli.http import ApiClient as ChatClient
 from tests.support.server import (
     MODEL,
     Server,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pensieve.cli import main
+from pensieve.cli.main import main
 from pensieve.store.default_model import SHA256
 from tests.store.fake_hub import FakeHub
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from pensieve.cli.serve import banner_text
 from pensieve.config import Settings
-from pensieve.server import banner_text
 
 
 def test_banner_names_the_model_and_every_way_to_connect() -> None:

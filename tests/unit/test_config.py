@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pensieve.cli import build_parser
+from pensieve.cli.main import build_parser
 from pensieve.config import load_settings
 
 

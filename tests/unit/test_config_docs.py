@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pensieve.cli.config_docs import render
 from pensieve.config import Settings
-from pensieve.config_docs import render
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from pensieve.api.ollama.protocol import Options
-from pensieve.cli import build_parser
+from pensieve.cli.main import build_parser
 from pensieve.config import Settings, load_settings
 from pensieve.engine.devices import (
     Device,

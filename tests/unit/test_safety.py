@@ -13,10 +13,10 @@ from pensieve.api.errors import ApiFamily, family_for_path
 from pensieve.api.middleware.access import AccessConfig, host_name, key_matches, presented_key
 from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.api.middleware.safety import SafetyConfig
+from pensieve.cli.serve import check_exposure
 from pensieve.config import Settings
 from pensieve.errors import InvalidRequest
 from pensieve.runtime import ModelRuntime
-from pensieve.server import check_exposure
 from pensieve.templates import ChatTemplate
 
 KEYS = ("first-key", "second-key")

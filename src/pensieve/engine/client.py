@@ -42,7 +42,7 @@ from pensieve.engine.types import (
     WorkerFailed,
     WorkerReady,
 )
-from pensieve.engine.worker import run_worker
+from pensieve.engine.worker import WorkerProcess, spawn_worker
 from pensieve.errors import (
     DeadlineExceeded,
     EngineError,
@@ -111,6 +111,7 @@ class EngineClient:
         self.stats = EngineStats()
         self._log_level = log_level
         self._proc: multiprocessing.process.BaseProcess | None = None
+        self._spare: WorkerProcess | None = None  # already loading; see `adopt`
         self._conn: Connection | None = None
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[object]] = {}
@@ -155,15 +156,19 @@ class EngineClient:
             self.touch()
             return self.info
 
+    def adopt(self, worker: WorkerProcess) -> None:
+        """Load this model in `worker`, a process started earlier (`pensieve serve` starts one
+        before it imports the API, so the model loads meanwhile); the next `ensure_started`
+        waits for it instead of starting another."""
+        worker.start_loading(self.config, self._log_level, self.limits.log_format)
+        self._spare = worker
+
     def _spawn_and_wait(self) -> ModelInfo:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=run_worker,
-                           args=(child, self.config, self._log_level, self.limits.log_format),
-                           name=f"pensieve-worker-{self.name}", daemon=True)
-        started = time.perf_counter()
-        proc.start()
-        child.close()
+        worker, self._spare = self._spare, None
+        if worker is None:
+            worker = spawn_worker(f"pensieve-worker-{self.name}")
+            worker.start_loading(self.config, self._log_level, self.limits.log_format)
+        proc, parent, started = worker.proc, worker.conn, worker.started
         reply = _wait_for_reply(parent, proc)
         if isinstance(reply, WorkerFailed):
             proc.join(_STOP_TIMEOUT_S)
@@ -204,6 +209,9 @@ class EngineClient:
             return True
 
     async def _stop_locked(self) -> None:
+        if self._spare is not None:
+            self._spare.discard()
+            self._spare = None
         proc = self._proc
         if proc is None:
             return

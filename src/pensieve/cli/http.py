@@ -1,18 +1,15 @@
-"""The HTTP side of `pensieve run`: stream chat answers from a Pensieve (or any OpenAI-compatible)
-server, and start a private server on a free loopback port when none answers."""
+"""The one HTTP client of the command line: every command that talks to a running server
+(`run`, `ps`, `cache`) goes through `ApiClient` (httpx). The server is `--url`, else
+`PENSIEVE_URL`, else the default; `PENSIEVE_API_KEY` is sent as a bearer token; an error body of
+any API family becomes a `CliError` whose message says what went wrong."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +17,13 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-class ChatError(Exception):
+class CliError(Exception):
     """Something the user can fix; the message says how."""
+
+
+def server_url(url: str | None = None) -> str:
+    """The server to talk to: `url` (from --url), else PENSIEVE_URL, else the default."""
+    return url or os.environ.get("PENSIEVE_URL") or DEFAULT_URL
 
 
 @dataclass(slots=True)
@@ -39,11 +41,16 @@ class AnswerStats:
 
 
 @dataclass(slots=True)
-class ChatClient:
+class ApiClient:
     base_url: str
     api_key: str | None = None
     timeout: float = 600.0
     _http: httpx.Client = field(init=False)
+
+    @classmethod
+    def from_env(cls, url: str | None = None, *, timeout: float = 600.0) -> ApiClient:
+        """A client for --url (or PENSIEVE_URL, or the default) with PENSIEVE_API_KEY."""
+        return cls(server_url(url), os.environ.get("PENSIEVE_API_KEY") or None, timeout)
 
     def __post_init__(self) -> None:
         self._http = self._new_http()
@@ -56,6 +63,33 @@ class ChatClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- plain JSON requests -------------------------------------------------------------------
+    def get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        return self.request("GET", path, params)
+
+    def delete(self, path: str, params: dict[str, str] | None = None) -> Any:
+        return self.request("DELETE", path, params)
+
+    def request(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+        """The JSON body of a successful answer; a CliError for an error or no answer."""
+        try:
+            resp = self._http.request(method, path, params=params)
+        except httpx.TransportError as exc:
+            raise CliError(f"Cannot reach a Pensieve server at {self.base_url}: {exc}. "
+                           "Start one with `pensieve serve`, or pass --url.") from exc
+        _raise_for_error(resp)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise CliError(f"{self.base_url}{path} answered something that is not JSON; is "
+                           "this a Pensieve server?") from exc
+
     def is_up(self) -> bool:
         try:
             self._http.get("/v1/models", timeout=2.0)
@@ -63,12 +97,19 @@ class ChatClient:
             return False
         return True
 
-    def models(self) -> list[str]:
-        resp = self._http.get("/v1/models")
-        _raise_for_error(resp)
-        return [m["id"] for m in resp.json()["data"]]
+    def is_ready(self) -> bool:
+        """The server answers and has a model loaded (its /health says ok)."""
+        try:
+            return bool(self._http.get("/health", timeout=2.0).json().get("status") == "ok")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
 
-    def stream_chat(self, body: dict[str, Any], stats: AnswerStats) -> Generator[str, None, None]:
+    def models(self) -> list[str]:
+        return [m["id"] for m in self.get("/v1/models")["data"]]
+
+    # --- streamed chat ---------------------------------------------------------------------------
+    def stream_chat(self, body: dict[str, Any], stats: AnswerStats
+                    ) -> Generator[str, None, None]:
         """Yield the answer's text pieces; fill `stats` as the stream goes."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         started, first = time.monotonic(), None
@@ -101,7 +142,7 @@ def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             return
         chunk = json.loads(data)
         if "error" in chunk:
-            raise ChatError(_error_message(chunk))
+            raise CliError(error_message(chunk))
         yield chunk
 
 
@@ -119,78 +160,24 @@ def _observe(chunk: dict[str, Any], stats: AnswerStats) -> str:
     return text
 
 
-def _error_message(body: Any) -> str:
-    err = body.get("error") if isinstance(body, dict) else None
+def error_message(body: Any) -> str:
+    """The message in an error body of any family: OpenAI and Anthropic
+    (`{"error": {"message": ...}}`), Ollama (`{"error": "..."}`), FastAPI (`{"detail": ...}`)."""
+    if not isinstance(body, dict):
+        return str(body)
+    err = body.get("error", body.get("detail"))
     if isinstance(err, dict):
-        return str(err.get("message"))
-    return str(err or body)
+        return str(err.get("message", err))
+    return str(err if err is not None else body)
 
 
 def _raise_for_error(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return
     try:
-        message = _error_message(resp.json())
+        message = error_message(resp.json())
     except ValueError:
         message = resp.text or resp.reason_phrase
     if resp.status_code == 401:
         message += " Set PENSIEVE_API_KEY to the server's API key."
-    raise ChatError(f"{message} (HTTP {resp.status_code})")
-
-
-# --- a private server ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass(slots=True)
-class LocalServer:
-    """`pensieve serve` in a child process on a free loopback port, stopped with this program."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    @classmethod
-    def start(cls, serve_args: list[str]) -> LocalServer:
-        port = free_port()
-        log_path = Path(tempfile.mkstemp(prefix="pensieve-run-", suffix=".log")[1])
-        cmd = [sys.executable, "-m", "pensieve.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", *serve_args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL)
-        return cls(proc, f"http://127.0.0.1:{port}", log_path)
-
-    def wait_ready(self, timeout: float, on_wait: Callable[[], None] | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ChatError(f"the server could not start:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).json().get("status") == "ok":
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            if on_wait is not None:
-                on_wait()
-            time.sleep(0.2)
-        raise ChatError(f"the server did not become ready in {timeout:.0f} s; its log: "
-                        f"{self.log_path}")
-
-    def log_tail(self, num_lines: int = 20) -> str:
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-num_lines:])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log_path.unlink(missing_ok=True)
+    raise CliError(f"{message} (HTTP {resp.status_code})")

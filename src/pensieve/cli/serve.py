@@ -1,7 +1,10 @@
-"""`pensieve serve`: resolve the model, build the app, run uvicorn."""
+"""`pensieve serve`: read the settings, resolve the model and start loading it, then build the
+app and run uvicorn. The API (FastAPI, the routes, uvicorn's server) is imported only once the
+model's worker is loading, so the two happen at the same time."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -9,17 +12,20 @@ import math
 import re
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from pensieve import __version__
-from pensieve.api.app import create_app
-from pensieve.api.middleware.access import is_loopback
-from pensieve.api.middleware.limits import guarded_h11_protocol
-from pensieve.api.middleware.safety import SafetyConfig
-from pensieve.config import Settings, device_budget_bytes, memory_budget_bytes, store_dir
+from pensieve.config import (
+    Settings,
+    device_budget_bytes,
+    load_settings,
+    memory_budget_bytes,
+    store_dir,
+)
 from pensieve.engine.client import EngineClient
 from pensieve.engine.devices import kv_type_problem, plan_for, summary
 from pensieve.engine.engine import EngineConfig
@@ -36,6 +42,9 @@ from pensieve.store.durations import parse_keep_alive
 from pensieve.store.gguf import read_gguf
 from pensieve.store.store import ModelDefaults, ModelStore
 
+if TYPE_CHECKING:
+    from pensieve.engine.worker import WorkerProcess
+
 log = logging.getLogger("pensieve")
 console = Console(stderr=True)
 
@@ -47,7 +56,7 @@ def model_name_for(path: Path) -> str:
 
 def resolve_model(settings: Settings) -> tuple[str, Path]:
     if settings.model is None:
-        path = ensure_default_model(settings.data_dir)
+        path = ensure_default_model(settings.data_dir, lambda p: _digest(settings, p))
         return settings.model_alias or DEFAULT_MODEL_NAME, path
     path = Path(settings.model).expanduser()
     if not path.is_file():
@@ -57,8 +66,15 @@ def resolve_model(settings: Settings) -> tuple[str, Path]:
     return settings.model_alias or model_name_for(path), path
 
 
+def _digest(settings: Settings, path: Path) -> str:
+    """A model file's sha256, remembered across starts by (path, size, mtime)."""
+    return file_digest(path, settings.data_dir / "digests.json")
+
+
 def check_exposure(settings: Settings) -> str | None:
     """Why the server must not start as configured, or None."""
+    from pensieve.api.middleware.access import is_loopback  # the HTTP stack: imported late
+
     if settings.ssl_certfile is None and settings.ssl_keyfile is not None:
         return "--ssl-keyfile needs --ssl-certfile"
     if is_loopback(settings.host) or settings.allow_unauthenticated_remote:
@@ -70,31 +86,56 @@ def check_exposure(settings: Settings) -> str | None:
     return None
 
 
-def serve(settings: Settings) -> int:
+def serve_command(args: argparse.Namespace, worker: WorkerProcess | None = None) -> int:
+    """`pensieve serve` from its parsed flags; `worker`, when given, is already started."""
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in Settings.model_fields and v is not None}
+    try:
+        settings = load_settings(overrides, args.config)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]Invalid configuration:[/red] {exc}\nEvery setting, its flag, "
+                      "variable and allowed values: `pensieve serve --help` or "
+                      "docs/configuration.md.", highlight=False)
+        return 2
+    return serve(settings, worker)
+
+
+def serve(settings: Settings, worker: WorkerProcess | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format)
+    level = logging.getLevelName(settings.log_level.upper())
     try:
         name, path = resolve_model(settings)
         gguf = read_gguf(path)  # a corrupt file is refused here, before llama.cpp sees it
         refusal = check_exposure(settings) or kv_type_problem(
             gguf, settings.cache_type_k, settings.cache_type_v)
-        context = settings.engine_config(str(path)).context
-        hardware = summary(plan_for(gguf, context, settings.gpu_config())[1])
+        digest = _digest(settings, path)
+        config = settings.engine_config(str(path), digest)
+        hardware = summary(plan_for(gguf, config.context, settings.gpu_config())[1])
+        client = EngineClient(name, config, log_level=level, limits=settings.client_limits())
+        if worker is not None and refusal is None:
+            client.adopt(worker)  # the model loads from here on, while the API is imported
     except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
         return 2
     if refusal is not None:
         console.print(f"[red]Cannot start:[/red] {refusal}")
         return 2
-    level = logging.getLevelName(settings.log_level.upper())
     store = ModelStore(store_dir(settings))
     store.prune()  # as Ollama does at startup: unused blobs and crashed uploads
     runtime = build_runtime(settings, store, level)
-    digest = file_digest(path, settings.data_dir / "digests.json")
     if settings.model is None:
         _register_default_model(store, path, name)
-    config = settings.engine_config(str(path), digest)
-    runtime.add(name, EngineClient(name, config, log_level=level,
-                                   limits=settings.client_limits()), digest=digest)
+    runtime.add(name, client, digest=digest)
+    return _run_http(settings, runtime, name, hardware)
+
+
+def _run_http(settings: Settings, runtime: ModelRuntime, name: str, hardware: str) -> int:
+    import uvicorn
+
+    from pensieve.api.app import create_app
+    from pensieve.api.middleware.limits import guarded_h11_protocol
+    from pensieve.api.middleware.safety import SafetyConfig
+
     safety = SafetyConfig(settings.access_config(), settings.limits_config())
     app = create_app(runtime, safety)
     _print_banner(settings, name, hardware)

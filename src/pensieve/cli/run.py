@@ -8,7 +8,6 @@ plain text (the prompt is the arguments, then whatever is piped in on stdin).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
-from pensieve.chat_client import DEFAULT_URL, AnswerStats, ChatClient, ChatError, LocalServer
-from pensieve.chat_repl import ChatSession, Repl
+from pensieve.cli.http import DEFAULT_URL, AnswerStats, ApiClient, CliError, server_url
+from pensieve.cli.local_server import LocalServer
+from pensieve.cli.repl import ChatSession, Repl
 from pensieve.store.default_model import DEFAULT_MODEL_NAME
 
 LOAD_TIMEOUT_S = 300.0
@@ -63,7 +63,7 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 @dataclass(slots=True)
 class Connection:
-    client: ChatClient
+    client: ApiClient
     model: str
     server: LocalServer | None = None
 
@@ -77,7 +77,7 @@ def run_chat(args: argparse.Namespace, console: Console) -> int:
     prompt = _one_shot_prompt(args.prompt, sys.stdin)
     try:
         conn = connect(args, console)
-    except ChatError as exc:
+    except CliError as exc:
         console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 1
     try:
@@ -103,7 +103,7 @@ def _one_shot_prompt(words: list[str], stdin: TextIO) -> str | None:
     return "\n\n".join(parts) if parts else None
 
 
-def answer_once(client: ChatClient, session: ChatSession, prompt: str, console: Console,
+def answer_once(client: ApiClient, session: ChatSession, prompt: str, console: Console,
                 *, verbose: bool) -> int:
     stats = AnswerStats()
     text = ""
@@ -112,7 +112,7 @@ def answer_once(client: ChatClient, session: ChatSession, prompt: str, console: 
             text += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except ChatError as exc:
+    except CliError as exc:
         console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 1
     if not text.endswith("\n"):
@@ -125,13 +125,13 @@ def answer_once(client: ChatClient, session: ChatSession, prompt: str, console: 
 # --- connecting --------------------------------------------------------------------------------
 def connect(args: argparse.Namespace, console: Console) -> Connection:
     url = _server_url(args)
-    client = ChatClient(url, api_key=os.environ.get("PENSIEVE_API_KEY") or None)
+    client = ApiClient.from_env(url)
     if client.is_up():
         return Connection(client, _served_name(client, args.model, url))
     client.close()
     if args.no_start:
-        raise ChatError(f"no server answers at {url}. Start one with `pensieve serve`, or pass "
-                        "--url.")
+        raise CliError(f"no server answers at {url}. Start one with `pensieve serve`, or pass "
+                       "--url.")
     name, serve_args = _serve_args_for(args.model, url)
     console.print(f"No server at {url}; starting one for {name}.", style="dim",
                   highlight=False, soft_wrap=True)
@@ -139,10 +139,10 @@ def connect(args: argparse.Namespace, console: Console) -> Connection:
     try:
         with console.status(f"Loading {name}..."):
             server.wait_ready(LOAD_TIMEOUT_S)
-    except (ChatError, KeyboardInterrupt):
+    except (CliError, KeyboardInterrupt):
         server.stop()
         raise
-    return Connection(ChatClient(server.url), name, server)
+    return Connection(ApiClient(server.url), name, server)
 
 
 def _server_url(args: argparse.Namespace) -> str:
@@ -151,22 +151,22 @@ def _server_url(args: argparse.Namespace) -> str:
         return url
     if args.host or args.port:
         return f"http://{args.host or '127.0.0.1'}:{args.port or 8080}"
-    return os.environ.get("PENSIEVE_URL") or DEFAULT_URL
+    return server_url()
 
 
-def _served_name(client: ChatClient, model: str, url: str) -> str:
+def _served_name(client: ApiClient, model: str, url: str) -> str:
     served = client.models()
     if model in served:
         return model
     path = Path(model).expanduser()
     if path.is_file():
-        from pensieve.server import model_name_for  # late: only for file paths
+        from pensieve.cli.serve import model_name_for  # late: only for file paths
 
         if model_name_for(path) in served:
             return model_name_for(path)
     listing = ", ".join(served) or "none"
-    raise ChatError(f"the server at {url} does not serve {model!r}; it serves: {listing}. "
-                    "Name one of those, or point --url at a server that has it.")
+    raise CliError(f"the server at {url} does not serve {model!r}; it serves: {listing}. "
+                   "Name one of those, or point --url at a server that has it.")
 
 
 def _serve_args_for(model: str, url: str) -> tuple[str, list[str]]:
@@ -174,11 +174,11 @@ def _serve_args_for(model: str, url: str) -> tuple[str, list[str]]:
         return model, []
     path = Path(model).expanduser()
     if path.is_file():
-        from pensieve.server import model_name_for
+        from pensieve.cli.serve import model_name_for
 
         return model_name_for(path), ["--model", str(path.resolve())]
     hint = (f" (The model comes first: `pensieve run {DEFAULT_MODEL_NAME} \"{model}\"`.)"
             if " " in model else "")
-    raise ChatError(f"no server answers at {url}, and {model!r} is neither a .gguf file nor "
-                    f"the default model {DEFAULT_MODEL_NAME!r}. Give a .gguf path, start a "
-                    f"server with `pensieve serve --model FILE`, or pass --url.{hint}")
+    raise CliError(f"no server answers at {url}, and {model!r} is neither a .gguf file nor "
+                   f"the default model {DEFAULT_MODEL_NAME!r}. Give a .gguf path, start a "
+                   f"server with `pensieve serve --model FILE`, or pass --url.{hint}")

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,15 +25,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pensieve.config import Settings, load_settings, store_dir
+from pensieve.cli.http import DEFAULT_URL, ApiClient, CliError
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.store import describe
 from pensieve.store.gguf import read_gguf
-from pensieve.store.netguard import NetPolicy
-from pensieve.store.pull import PullProgress, pull
 from pensieve.store.store import ModelDefaults, ModelStore
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+if TYPE_CHECKING:
+    from pensieve.store.netguard import NetPolicy
+    from pensieve.store.pull import PullProgress
+
 COMMANDS = ("pull", "import", "list", "show", "rm", "cp", "ps")
 
 
@@ -74,8 +71,7 @@ def add_models_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("source")
     p.add_argument("destination")
     sub.add_parser("ps", help="Models loaded in a running server").add_argument(
-        "--url", default=os.environ.get("PENSIEVE_URL", DEFAULT_URL),
-        help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
+        "--url", default=None, help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
 
 
 def run_models(args: argparse.Namespace, console: Console) -> int:
@@ -91,10 +87,14 @@ def run_models(args: argparse.Namespace, console: Console) -> int:
 def _open_store(args: argparse.Namespace) -> ModelStore:
     overrides = {k: v for k in ("data_dir", "models_dir")
                  if (v := getattr(args, k, None)) is not None}
+    from pensieve.config import Settings, store_dir  # here: `ps` needs no settings
+
     return ModelStore(store_dir(Settings(**overrides)))
 
 
 def _pull(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
+    from pensieve.store.pull import pull
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     policy = _pull_policy(args)
@@ -117,6 +117,10 @@ def _pull(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
 
 def _pull_policy(args: argparse.Namespace) -> NetPolicy:
     """pull_allow from --pull-allow, else PENSIEVE_PULL_ALLOW, else the PENSIEVE_CONFIG file."""
+    from pydantic import ValidationError
+
+    from pensieve.config import load_settings
+
     overrides = {"pull_allow": args.pull_allow} if args.pull_allow is not None else {}
     try:
         return load_settings(overrides).pull_policy()
@@ -194,12 +198,11 @@ def _cp(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
 
 
 def _ps(args: argparse.Namespace, console: Console) -> int:
-    url = f"{args.url.rstrip('/')}/api/ps"
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body: dict[str, Any] = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        console.print(f"[red]Cannot reach a Pensieve server at {args.url}:[/red] {exc}")
+        with ApiClient.from_env(args.url, timeout=10) as client:
+            body: dict[str, Any] = client.get("/api/ps")
+    except CliError as exc:
+        console.print(f"[red]Error:[/red] {exc}", highlight=False)
         return 1
     table = Table("NAME", "PID", "BUDGET", "RESIDENT", "LOAD TIME", "CONTEXT", "UNTIL",
                   box=None)

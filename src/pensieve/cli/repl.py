@@ -14,8 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pensieve.chat_client import AnswerStats, ChatClient, ChatError
-from pensieve.config import default_data_dir
+from pensieve.cli.http import AnswerStats, ApiClient, CliError
 
 PROMPT, CONTINUATION, FENCE = ">>> ", "... ", '"""'
 SETTABLE = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "stop",
@@ -55,7 +54,7 @@ def parse_value(text: str) -> Any:
 
 
 class Repl:
-    def __init__(self, client: ChatClient, session: ChatSession, console: Console) -> None:
+    def __init__(self, client: ApiClient, session: ChatSession, console: Console) -> None:
         self.client = client
         self.session = session
         self.console = console
@@ -129,7 +128,7 @@ class Repl:
         except KeyboardInterrupt:
             self.console.print("\n[yellow]stopped[/yellow] (not kept in the conversation)")
             return
-        except ChatError as exc:
+        except CliError as exc:
             self.console.print(f"[red]Error:[/red] {exc}", highlight=False, soft_wrap=True)
             return
         self.session.messages += [{"role": "user", "content": text},
@@ -199,6 +198,8 @@ class _History:
             import readline
         except ImportError:  # not on every platform; input() still works
             return cls(None)
+        from pensieve.config import default_data_dir  # late: the settings import the engine
+
         path = Path(os.environ.get("PENSIEVE_HISTORY_FILE")
                     or default_data_dir() / "run_history")
         readline.set_history_length(1000)

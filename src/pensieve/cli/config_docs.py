@@ -1,6 +1,7 @@
 """The configuration reference (docs/configuration.md), generated from `Settings`: every field's
 flag, environment variable, TOML key, default and description. Regenerate with `make docs`
-(`python -m pensieve.config_docs docs/configuration.md`); a unit test fails when it is stale."""
+(`python -m pensieve.cli.config_docs docs/configuration.md`); a unit test fails when it is
+stale."""
 
 from __future__ import annotations
 

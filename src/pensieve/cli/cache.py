@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+from pensieve.cli.http import DEFAULT_URL, ApiClient, CliError
 
 
 def add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cache = sub.add_parser("cache", help="List, inspect and delete remembered conversations")
-    cache.add_argument("--url", default=os.environ.get("PENSIEVE_URL", DEFAULT_URL),
+    cache.add_argument("--url", default=None,
                        help=f"the server [env PENSIEVE_URL; default {DEFAULT_URL}]")
     cache.add_argument("--model", default=None, help="which served model (default: the first)")
     actions = cache.add_subparsers(dest="action", required=True)
@@ -29,35 +25,21 @@ def add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run_cache(args: argparse.Namespace, console: Console) -> int:
-    method, path = {"list": ("GET", ""), "show": ("GET", f"/{getattr(args, 'key', '')}"),
-                    "rm": ("DELETE", f"/{getattr(args, 'key', '')}"),
-                    "clear": ("DELETE", "")}[args.action]
-    query = f"?{urllib.parse.urlencode({'model': args.model})}" if args.model else ""
+    key = getattr(args, "key", "")
+    method, path = {"list": ("GET", ""), "show": ("GET", f"/{key}"),
+                    "rm": ("DELETE", f"/{key}"), "clear": ("DELETE", "")}[args.action]
+    params = {"model": args.model} if args.model else None
     try:
-        body = _request(method, f"{args.url.rstrip('/')}/admin/memory{path}{query}")
-    except (urllib.error.URLError, OSError) as exc:
-        console.print(f"[red]Cannot reach a Pensieve server at {args.url}:[/red] {exc}. "
-                      "Start one with `pensieve serve`, or pass --url.")
-        return 1
-    if "error" in body:
-        console.print(f"[red]{body['error'].get('message')}[/red]")
+        with ApiClient.from_env(args.url, timeout=30) as client:
+            body: dict[str, Any] = client.request(method, f"/admin/memory{path}", params)
+    except CliError as exc:
+        console.print(f"[red]Error:[/red] {exc}", highlight=False)
         return 1
     if args.action == "list":
         console.print(_table(body))
     else:
         console.print_json(json.dumps(body))
     return 0
-
-
-def _request(method: str, url: str) -> dict[str, Any]:
-    req = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - user-given URL
-            reply: dict[str, Any] = json.loads(resp.read())
-            return reply
-    except urllib.error.HTTPError as exc:
-        error: dict[str, Any] = json.loads(exc.read() or b"{}") or {"error": {"message": str(exc)}}
-        return error
 
 
 def _table(body: dict[str, Any]) -> Table:
