@@ -22,7 +22,7 @@ from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.engine.client import ClientLimits
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig
-from pensieve.memory.store import MemoryConfig, namespace_for
+from pensieve.memory.tiered import MemoryConfig, namespace_for
 
 
 def default_data_dir() -> Path:

@@ -32,7 +32,8 @@ from pensieve.engine.types import (
     TokenLogprob,
 )
 from pensieve.memory.live import LiveCache
-from pensieve.memory.store import MemoryConfig, TieredStore
+from pensieve.memory.prefix import Tier
+from pensieve.memory.tiered import MemoryConfig, TieredStore
 
 log = logging.getLogger("pensieve.engine")
 
@@ -123,14 +124,14 @@ class Engine:
         now = time.monotonic()
         by_key: dict[str, dict[str, object]] = {}
         for key, num_tokens in self.cache.entries():
-            by_key[key] = {"key": key, "num_tokens": num_tokens, "tiers": ["live"]}
+            by_key[key] = {"key": key, "num_tokens": num_tokens, "tiers": [Tier.LIVE.value]}
         tier_entries = self.tiers.entries() if self.tiers is not None else {}
         for tier, rows in tier_entries.items():
             for key, num_tokens, num_bytes, last_used in rows:
                 entry = by_key.setdefault(key, {"key": key, "num_tokens": num_tokens,
                                                 "tiers": []})
-                entry["tiers"].append(tier)  # type: ignore[union-attr]
-                entry[f"{tier}_bytes"] = num_bytes
+                entry["tiers"].append(tier.value)  # type: ignore[union-attr]
+                entry[f"{tier.value}_bytes"] = num_bytes
                 if last_used:
                     entry["idle_s"] = round(now - last_used, 1)
         return sorted(by_key.values(), key=lambda e: -int(e["num_tokens"]))  # type: ignore[arg-type]

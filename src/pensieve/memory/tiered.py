@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pensieve.memory.prefix import Tier
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 log = logging.getLogger("pensieve.memory")
@@ -23,11 +24,14 @@ class MemoryConfig:
     namespace: str  # model file digest + KV settings; entries never cross namespaces
 
 
+def _per_tier() -> dict[str, int]:
+    return {tier.value: 0 for tier in Tier}
+
+
 @dataclass(slots=True)
 class MemoryStats:
-    hits: dict[str, int] = field(default_factory=lambda: {"live": 0, "ram": 0, "disk": 0})
-    tokens_saved: dict[str, int] = field(default_factory=lambda: {"live": 0, "ram": 0,
-                                                                    "disk": 0})
+    hits: dict[str, int] = field(default_factory=_per_tier)  # by Tier value
+    tokens_saved: dict[str, int] = field(default_factory=_per_tier)
     misses: int = 0
 
 
@@ -77,15 +81,15 @@ class TieredStore:
             self._reads[key] = self._reader.submit(self.disk.load, key)
         return self._reads[key]
 
-    def best(self, want: np.ndarray) -> tuple[str, int]:
+    def best(self, want: np.ndarray) -> tuple[Tier, int]:
         _, ram_len = self.ram.best(want)
         disk_len = self.disk.best(want)[1] if self.disk is not None else 0
         if ram_len >= disk_len:
-            return "ram", ram_len
-        return "disk", disk_len
+            return Tier.RAM, ram_len
+        return Tier.DISK, disk_len
 
-    def load(self, tier: str, want: np.ndarray) -> bytes | None:
-        if tier == "ram":
+    def load(self, tier: Tier, want: np.ndarray) -> bytes | None:
+        if tier is Tier.RAM:
             snap, _ = self.ram.best(want)
             return snap.data if snap is not None else None
         if self.disk is None:
@@ -100,18 +104,18 @@ class TieredStore:
         self.ram.put(snap)  # promote: the next turn finds it in RAM
         return snap.data
 
-    def record(self, tier: str, num_tokens: int) -> None:
-        if tier == "none" or num_tokens == 0:
+    def record(self, tier: Tier | None, num_tokens: int) -> None:
+        if tier is None or num_tokens == 0:
             self.stats.misses += 1
             return
-        self.stats.hits[tier] += 1
-        self.stats.tokens_saved[tier] += num_tokens
+        self.stats.hits[tier.value] += 1
+        self.stats.tokens_saved[tier.value] += num_tokens
 
-    def entries(self) -> dict[str, list[tuple[str, int, int, float]]]:
-        out = {"ram": self.ram.entries()}
+    def entries(self) -> dict[Tier, list[tuple[str, int, int, float]]]:
+        out = {Tier.RAM: self.ram.entries()}
         if self.disk is not None:
             self.disk.flush(timeout=10.0)  # list what is on disk, not what is about to be
-            out["disk"] = self.disk.entries()
+            out[Tier.DISK] = self.disk.entries()
         return out
 
     def delete(self, key: str) -> int:
