@@ -22,7 +22,7 @@ from pensieve.api.middleware.limits import LimitsConfig
 from pensieve.engine.client import ClientLimits
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import ContextConfig
-from pensieve.memory.tiered import MemoryConfig, namespace_for
+from pensieve.memory.tiered import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
 
 
 def default_data_dir() -> Path:
@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     memory_disk_mb: int = Field(10240, ge=0, le=1 << 30,
                                 description="Disk budget for conversations' KV, in MiB; it "
                                 "survives restarts. 0: no disk tier.")
+    memory_block_tokens: int = Field(
+        DEFAULT_BLOCK_TOKENS, ge=0, le=4096,
+        description="Tokens per KV block in the RAM and disk tiers: a turn stores only its new "
+        "blocks, and conversations sharing a prefix share its blocks. 0: whole snapshots.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
     # --- model store and lifecycle (docs/models.md) ---
@@ -189,7 +193,7 @@ class Settings(BaseSettings):
         disk_dir = str(self.data_dir / "memory") if self.memory_disk_mb > 0 else None
         return MemoryConfig(ram_bytes=self.memory_ram_mb << 20,
                             disk_bytes=self.memory_disk_mb << 20, disk_dir=disk_dir,
-                            namespace=namespace)
+                            namespace=namespace, block_tokens=self.memory_block_tokens)
 
     def engine_config(self, model_path: str, model_digest: str | None = None) -> EngineConfig:
         ctx = ContextConfig(

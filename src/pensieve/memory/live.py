@@ -54,6 +54,7 @@ class Tiers(Protocol):
 class _Retained:
     tokens: np.ndarray
     last_used: float
+    is_saved: bool = False  # already given to the slower tiers
 
     def retention_value(self, now: float) -> float:
         return retention_value(len(self.tokens), self.last_used, now)
@@ -107,6 +108,8 @@ class LiveCache:
         if restored is not None:
             return restored
         if own_len >= src_len and own_len > 0 and own_id is not None:
+            if own_len + _RESTORE_MARGIN < len(self._retained[own_id].tokens):
+                self._save(own_id)  # a branch (an edited turn): keep the old one findable
             seq_id = self._take(own_id)
             if self._trim(seq_id, own_len):
                 return self._record(Acquired(seq_id, own_len, Tier.LIVE))
@@ -157,12 +160,28 @@ class LiveCache:
         if tokens_in_kv and self.enabled:
             tokens = np.asarray(tokens_in_kv, dtype=np.int32)
             if self._trim(seq_id, len(tokens)):  # keep exactly what is named
-                self._retained[seq_id] = _Retained(tokens, time.monotonic())
-                if self.tiers is not None:  # also kept outside the context, for later
-                    self.tiers.save(tokens, self.kv.state_get(seq_id))
+                self._retained[seq_id] = _Retained(tokens, time.monotonic(),
+                                                   is_saved=self.tiers is None)
         else:
             self.kv.seq_remove(seq_id)
         self._free.append(seq_id)
+
+    @property
+    def has_unsaved(self) -> bool:
+        return any(not r.is_saved for r in self._retained.values())
+
+    def save_retained(self) -> None:
+        """Give the slower tiers what only the context holds. Called when the engine is idle
+        and before retained cells are dropped, so a finished turn's state is never copied on
+        the path of the request that follows it."""
+        for seq_id in list(self._retained):
+            self._save(seq_id)
+
+    def _save(self, seq_id: int) -> None:
+        entry = self._retained[seq_id]
+        if not entry.is_saved and self.tiers is not None:
+            self.tiers.save(entry.tokens, self.kv.state_get(seq_id))
+        entry.is_saved = True
 
     def entries(self) -> list[tuple[str, int]]:
         """(key, tokens) of the retained KV; keys match the RAM and disk tiers' keys."""
@@ -179,7 +198,7 @@ class LiveCache:
         """Drop the retained KV of least retention value; False if nothing is retained."""
         if not self._retained:
             return False
-        self._drop(self._least_valuable(self._retained))
+        self._drop(self._least_valuable(self._retained), save=True)
         return True
 
     def _least_valuable(self, seq_ids: object) -> int:
@@ -190,7 +209,9 @@ class LiveCache:
         for seq_id in list(self._retained):
             self._drop(seq_id)
 
-    def _drop(self, seq_id: int) -> None:
+    def _drop(self, seq_id: int, *, save: bool = False) -> None:
+        if save:
+            self._save(seq_id)
         del self._retained[seq_id]
         self.kv.seq_remove(seq_id)
 
@@ -216,5 +237,5 @@ class LiveCache:
                 self.kv.seq_remove(seq_id)
                 return seq_id
         seq_id = self._least_valuable(self._free)
-        self._drop(seq_id)
+        self._drop(seq_id, save=True)
         return seq_id

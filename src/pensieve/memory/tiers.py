@@ -146,6 +146,15 @@ class DiskTier:
             return [(k, len(e.tokens), e.num_bytes, e.last_used)
                     for k, e in self._entries.items()]
 
+    def num_tokens(self, key: str) -> int:
+        with self._lock:
+            entry = self._entries.get(key)
+            return len(entry.tokens) if entry is not None else 0
+
+    def forget(self, key: str) -> None:
+        """Delete one snapshot without waiting for queued writes (none may name it)."""
+        self._forget(key, remove=True)
+
     def remove(self, key: str) -> bool:
         self.flush()
         with self._lock:
