@@ -1,6 +1,7 @@
 """KV blocks on the real llama.cpp: a sequence state cut into blocks and assembled again is the
 same state, byte for byte, for both V layouts (flash attention on: V rows; off: V transposed),
-every KV cache type llama.cpp accepts, and a unified or per-sequence cache."""
+every KV cache type llama.cpp accepts (without flash attention it quantizes K only), and a
+unified or per-sequence cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import llama_cpp as C
 import numpy as np
 import pytest
 
-from pensieve.engine.llama import Batch, Context, ContextConfig, LlamaError, Model, init_backend
+from pensieve.engine.llama import Batch, Context, ContextConfig, Model, init_backend
 from pensieve.memory.kvstate import assemble, parse
 
 pytestmark = pytest.mark.e2e
@@ -41,16 +42,14 @@ def make_context(model: Model, monkeypatch: pytest.MonkeyPatch, *, flash: str, k
     def params() -> C.llama_context_params:
         p = defaults()
         p.type_k = p.type_v = KV_TYPES[kv_type]
+        if flash == "off" and kv_type in QUANTIZED:
+            p.type_v = C.GGML_TYPE_F16  # llama.cpp quantizes V only with flash attention
         return p
 
     monkeypatch.setattr(C, "llama_context_default_params", params)
     config = ContextConfig(n_ctx=1024, n_batch=512, n_ubatch=512, n_seq_max=4, n_threads=2,
                            n_threads_batch=2, flash_attn=flash, kv_unified=unified)
-    try:
-        return Context(model, config)
-    except LlamaError:
-        assert flash == "off" and kv_type in QUANTIZED, "llama.cpp refused a supported cache"
-        pytest.skip(f"llama.cpp has no {kv_type} V cache without flash attention")
+    return Context(model, config)
 
 
 def prefill(ctx: Context, tokens: list[int], seq_id: int) -> None:
@@ -83,6 +82,8 @@ def test_cut_and_assembled_state_is_byte_identical(model: Model, monkeypatch: py
         state = parse(original)
         assert state.layout.v_trans == (flash == "off")
         assert {lay.k_type for lay in state.layout.layers} == {KV_TYPES[kv_type]}
+        v_type = C.GGML_TYPE_F16 if flash == "off" and kv_type in QUANTIZED else KV_TYPES[kv_type]
+        assert {lay.v_type for lay in state.layout.layers} == {v_type}
         blocks = [state.block(a, min(a + 64, len(tokens))) for a in range(0, len(tokens), 64)]
         assert assemble(state.layout, blocks, 0) == original
         assert ctx.state_set(2, assemble(state.layout, blocks, 0))

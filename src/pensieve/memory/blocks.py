@@ -239,6 +239,7 @@ class BlockStore:
         return {"conversations": sum(not self._children.get(k) for k in self._blocks),
                 "blocks": len(self._blocks), "shared_blocks": sum(n > 1 for n in refs.values()),
                 "block_tokens": self.block_tokens,
+                "kv_bytes_per_token": self.layout.cell_bytes if self.layout else 0,
                 "block_ram_bytes": self.ram_bytes, "block_disk_bytes": self.disk_bytes,
                 "bytes_to_ram": self.counters.bytes_to_ram,
                 "bytes_to_disk": self.counters.bytes_to_disk}

@@ -45,6 +45,8 @@ class MemoryStats:
     hits: dict[str, int] = field(default_factory=_per_tier)  # by Tier value
     tokens_saved: dict[str, int] = field(default_factory=_per_tier)
     misses: int = 0
+    snapshot_bytes_to_ram: int = 0  # whole snapshots copied into RAM, ever
+    snapshot_bytes_to_disk: int = 0  # ... and queued for disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +115,11 @@ class TieredStore:
         snap = Snapshot(tokens, data)
         self.ram.budget_bytes = self.config.ram_bytes - self._block_bytes(ram=True)
         self.ram.put(snap)
+        self.stats.snapshot_bytes_to_ram += snap.num_bytes
         if self.disk is not None:
             self.disk.budget_bytes = self.config.disk_bytes - self._block_bytes(ram=False)
             self.disk.put(snap)
+            self.stats.snapshot_bytes_to_disk += snap.num_bytes
 
     def _save_blocks(self, tokens: np.ndarray, data: bytes) -> bool:
         assert self.blocks is not None
@@ -264,6 +268,8 @@ class TieredStore:
         out: dict[str, object] = {
             "hits": dict(self.stats.hits), "tokens_saved": dict(self.stats.tokens_saved),
             "misses": self.stats.misses, "ram_entries": len(self.ram),
+            "snapshot_bytes_to_ram": self.stats.snapshot_bytes_to_ram,
+            "snapshot_bytes_to_disk": self.stats.snapshot_bytes_to_disk,
             "ram_bytes": self.ram.num_bytes + self._block_bytes(ram=True)}
         if self.disk is not None:
             out.update(disk_entries=len(self.disk),
@@ -276,8 +282,10 @@ class TieredStore:
         removed = int(self.ram.remove(key))
         if self.disk is not None:
             removed += int(self.disk.remove(key))
-        if self.blocks is not None:
-            removed += int(self.blocks.remove_conversation(key))
+        if self.blocks is not None and self.blocks.remove_conversation(key):
+            removed += 1
+            if self.blocks.files is not None:
+                self.blocks.files.flush()
         return removed
 
     def clear(self) -> int:
@@ -286,6 +294,8 @@ class TieredStore:
         removed = sum(self.delete(k) for k in keys)
         if self.blocks is not None:
             self.blocks.clear()
+            if self.blocks.files is not None:
+                self.blocks.files.flush()  # the files are gone when this returns
         return removed
 
     def close(self) -> None:
