@@ -1,8 +1,9 @@
 """What KV blocks save against whole snapshots: bytes written per turn, and shared prompts.
 
-Two Pensieve servers of the same build, one after another in alternating rounds (a shared box:
-medians over rounds): `blocks` (the defaults) and `snapshots` (`--memory-block-tokens 0`, the
-earlier design that rewrites a conversation's whole state after every turn).
+Two Pensieve servers of the same build, one after another (in alternating order when
+`--rounds` > 1; the byte counts do not depend on timing): `blocks` (the defaults) and
+`snapshots` (`--memory-block-tokens 0`, the earlier design that rewrites a conversation's whole
+state after every turn).
 
 - growth: one conversation of 20 turns, one at a time. After each turn the server's memory
   counters (/admin/memory, which first saves what the context holds) give the bytes copied into
@@ -54,8 +55,7 @@ class Pensieve:
     def __init__(self, name: str, model: Path, threads: int, data_dir: Path) -> None:
         self.port = free_port()
         argv = SERVERS["pensieve"].argv(model=model, port=self.port, threads=threads, parallel=1)
-        argv += [*CONFIGS[name], "--data-dir", str(data_dir), "--memory-ram-mb", "8192",
-                 "--memory-disk-mb", "16384"]
+        argv += [*CONFIGS[name], "--data-dir", str(data_dir)]
         self.argv = argv
         self.process = ServerProcess(argv, LOG_DIR / f"memory-blocks-{name}.log", self.port,
                                      "/health")
@@ -120,7 +120,8 @@ def shared(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]
         prompt_tokens = 0
         for i in range(num):
             reply = srv.chat(client, [{"role": "system", "content": prompt},
-                                      {"role": "user", "content": f"Question {i}: hello?"}], 8)
+                                      {"role": "user", "content": f"Question {i}: hello?"}],
+                             args.shared_max_tokens)
             prompt_tokens = max(prompt_tokens, reply["usage"]["prompt_tokens"])
         stats = srv.memory(client)
         wall = time.perf_counter() - start
@@ -198,12 +199,15 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parts", default="growth,shared")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="bytes are deterministic: one round is enough; more for wall times")
     p.add_argument("--turns", type=int, default=20)
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--shared-conversations", type=int, default=100)
     p.add_argument("--shared-snapshot-conversations", type=int, default=10)
     p.add_argument("--shared-rules", type=int, default=40, help="sentences in the shared prompt")
+    p.add_argument("--shared-max-tokens", type=int, default=1,
+                   help="answer length in the shared part (what is kept is the prompt)")
     p.add_argument("--json-out", type=Path, default=LOG_DIR / "memory-blocks-latest.json")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()

@@ -128,3 +128,21 @@ def test_a_restore_from_blocks_answers_as_a_restore_from_the_snapshot(
         assert answers[0] == answers[1]
     finally:
         ctx.close()
+
+
+def test_the_state_of_new_positions_alone_gives_the_same_blocks(
+        model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = make_context(model, monkeypatch, flash="on", kv_type="f16")
+    try:
+        tokens = model.tokenize(PROMPT, add_special=True)
+        prefill(ctx, tokens, 0)
+        whole = parse(ctx.state_get(0))
+        part_bytes = ctx.state_get_range(0, 3, 64, len(tokens))
+        assert part_bytes is not None
+        part = parse(part_bytes, 64)
+        assert part.num_cells == len(tokens) - 64
+        assert part.block(0, 64) == whole.block(64, 128)
+        assert part.block(64, part.num_cells) == whole.block(128, len(tokens))
+        assert ctx.state_get(3)[8:] == ctx.state_get(2)[8:]  # scratch seq_id: empty again
+    finally:
+        ctx.close()

@@ -17,6 +17,7 @@ import pytest
 from pensieve.memory.blockfiles import BlockFiles
 from pensieve.memory.blocks import BlockStore
 from pensieve.memory.kvstate import MAGIC, UnknownLayout, assemble, parse
+from pensieve.memory.live import LiveCache
 from pensieve.memory.prefix import Tier, prefix_key
 from pensieve.memory.tiered import MemoryConfig, TieredStore
 from pensieve.memory.tiers import DiskTier, Snapshot
@@ -25,11 +26,13 @@ LAYERS = [(1, 24, 1, 16), (8, 34, 8, 34)]  # (k_type, k_row, v_type, v_row): f16
 
 
 def fake_state(tokens: np.ndarray, *, v_trans: bool = False, n_stream: int = 1, seq_id: int = 0,
-               positions: np.ndarray | None = None, n_seq: int = 1) -> bytes:
+               positions: np.ndarray | None = None, n_seq: int = 1, first_pos: int = 0) -> bytes:
     """A sequence state laid out as llama.cpp's llama_kv_cache::state_write writes it, with KV
-    bytes that depend only on each cell's position and token (as real KV does)."""
+    bytes that depend only on each cell's position and token (as real KV does). With
+    `first_pos`, the state of positions first_pos.. only (tokens holds the whole sequence)."""
+    tokens = tokens[first_pos:]
     n = len(tokens)
-    pos = np.arange(n) if positions is None else positions
+    pos = np.arange(first_pos, first_pos + n) if positions is None else positions
     out = [struct.pack("<IiI", MAGIC, seq_id, n_stream)]
     for s in range(n_stream):
         if s != (seq_id if n_stream > 1 else 0):
@@ -40,9 +43,9 @@ def fake_state(tokens: np.ndarray, *, v_trans: bool = False, n_stream: int = 1, 
             out.append(struct.pack("<iI", int(p), n_seq) + struct.pack("<i", seq_id) * n_seq)
         out.append(struct.pack("<II", int(v_trans), len(LAYERS)))
         for il, (kt, kr, _, _) in enumerate(LAYERS):
-            out.append(struct.pack("<iQ", kt, kr) + _rows(tokens, il, kr).tobytes())
+            out.append(struct.pack("<iQ", kt, kr) + _rows(tokens, pos, il, kr).tobytes())
         for il, (_, _, vt, vr) in enumerate(LAYERS):
-            rows = _rows(tokens, il + 100, vr)
+            rows = _rows(tokens, pos, il + 100, vr)
             if v_trans:  # element size 2, vr // 2 rows of one element per cell
                 el = rows.reshape(n, vr // 2, 2).transpose(1, 0, 2)
                 out.append(struct.pack("<iII", vt, 2, vr // 2) + el.tobytes())
@@ -51,8 +54,8 @@ def fake_state(tokens: np.ndarray, *, v_trans: bool = False, n_stream: int = 1, 
     return b"".join(out)
 
 
-def _rows(tokens: np.ndarray, salt: int, width: int) -> np.ndarray:
-    seeds = (np.arange(len(tokens)) * 7919 + tokens.astype(np.int64) * 31 + salt) % 251
+def _rows(tokens: np.ndarray, pos: np.ndarray, salt: int, width: int) -> np.ndarray:
+    seeds = (np.asarray(pos) * 7919 + tokens.astype(np.int64) * 31 + salt) % 251
     return ((seeds[:, None] + np.arange(width)[None, :]) % 256).astype(np.uint8)
 
 
@@ -266,3 +269,70 @@ def test_old_snapshot_files_are_read_then_replaced_by_blocks(tmp_path: Path) -> 
     assert tiers.best(longer) == (Tier.RAM, 50)
     tiers.close()
     assert not list((tmp_path / "ns").glob("*.kv"))
+
+
+def test_a_save_can_bring_only_the_positions_not_stored_yet() -> None:
+    s = store(block=16)
+    history = toks(40)
+    save(s, history)
+    longer = np.concatenate([history, toks(30, 700)])
+    first = s.stored_prefix(longer)
+    assert first == 32  # two full blocks; the partial one is cut again
+    s.save(longer, parse(fake_state(longer, first_pos=first), first), first)
+    path, n = s.match(longer)
+    assert n == 70 and s.read(path) == fake_state(longer)
+    with pytest.raises(UnknownLayout):  # a part whose blocks before it are not stored
+        s.save(toks(70, 5000), parse(fake_state(toks(70, 5000), first_pos=32), 32), 32)
+
+
+class StateKV:
+    """A fake llama context that holds tokens per seq_id and serialises them as fake_state."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, np.ndarray] = {}
+        self.ranges: list[tuple[int, int]] = []
+
+    def seq_remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        if seq_id in self.held:
+            self.held[seq_id] = self.held[seq_id][: p0 if p0 >= 0 else 0]
+        return True
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.held[dst] = self.held[src][:length]
+
+    def state_get(self, seq_id: int) -> bytes:
+        return fake_state(self.held[seq_id])
+
+    def state_get_range(self, seq_id: int, scratch: int, p0: int, p1: int) -> bytes | None:
+        assert scratch not in self.held or len(self.held[scratch]) == 0
+        self.ranges.append((p0, p1))
+        return fake_state(self.held[seq_id][:p1], first_pos=p0)
+
+    def state_set(self, seq_id: int, data: bytes) -> bool:
+        return False
+
+
+def test_the_live_tier_saves_when_idle_and_brings_out_only_new_positions() -> None:
+    kv = StateKV()
+    cfg = MemoryConfig(ram_bytes=1 << 24, disk_bytes=0, disk_dir=None, namespace="ns",
+                       block_tokens=16)
+    tiers = TieredStore(cfg)
+    cache = LiveCache(4, kv, tiers=tiers)
+    first = toks(40)
+    got = cache.acquire(list(first))
+    kv.held[got.seq_id] = first
+    cache.release(got.seq_id, list(first))
+    assert cache.has_unsaved and tiers.best(first)[1] == 0  # nothing copied at release
+    cache.save_retained()
+    assert not cache.has_unsaved and tiers.best(first)[1] == 40 and kv.ranges == []
+    longer = np.concatenate([first, toks(30, 700)])
+    again = cache.acquire(list(longer))
+    assert again.seq_id == got.seq_id and again.num_reused == 40
+    kv.held[again.seq_id] = longer
+    cache.release(again.seq_id, list(longer))
+    cache.save_retained()
+    assert kv.ranges == [(32, 70)]  # the stored blocks are not copied out again
+    assert tiers.blocks is not None
+    path, n = tiers.blocks.match(longer)
+    assert n == 70 and tiers.blocks.read(path) == fake_state(longer)
+    tiers.close()

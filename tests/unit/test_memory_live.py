@@ -25,6 +25,9 @@ class FakeKV:
     def state_get(self, seq_id: int) -> bytes:
         return b"state"
 
+    def state_get_range(self, seq_id: int, scratch: int, p0: int, p1: int) -> bytes | None:
+        return None
+
     def state_set(self, seq_id: int, data: bytes) -> bool:
         return True
 

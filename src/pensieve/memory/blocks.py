@@ -101,16 +101,34 @@ class BlockStore:
         return len(self._blocks)
 
     # --- save ---------------------------------------------------------------------------------
-    def save(self, tokens: np.ndarray, state: SeqState) -> None:
-        """Store the chain of `tokens`, cutting from `state` only the blocks not stored yet."""
-        if state.num_cells != len(tokens):
-            raise UnknownLayout(f"{state.num_cells} cells for {len(tokens)} tokens")
+    def stored_prefix(self, tokens: np.ndarray) -> int:
+        """How many leading tokens of `tokens` full stored blocks already cover."""
+        parent, start, b = self.seed, 0, self.block_tokens
+        while start + b <= len(tokens):
+            key = block_key(parent, tokens[start : start + b])
+            if key not in self._blocks:
+                break
+            parent, start = key, start + b
+        return start
+
+    def save(self, tokens: np.ndarray, state: SeqState, first_pos: int = 0) -> None:
+        """Store the chain of `tokens`, cutting from `state` only the blocks not stored yet.
+        `state` holds positions [first_pos, len(tokens)); the blocks before are stored."""
+        if state.num_cells != len(tokens) - first_pos or first_pos % self.block_tokens:
+            raise UnknownLayout(f"{state.num_cells} cells from {first_pos} for "
+                                f"{len(tokens)} tokens")
+        if self.layout is not None and state.layout != self.layout and first_pos:
+            raise UnknownLayout("a partial state of another layout")
         self._adopt(state.layout)
         now, parent = time.monotonic(), self.seed
         for start in range(0, len(tokens), self.block_tokens):
             chunk = tokens[start : start + self.block_tokens]
             key = block_key(parent, chunk)
-            blk = self._blocks.get(key) or self._cut(key, parent, start, chunk, state, now)
+            blk = self._blocks.get(key)
+            if blk is None:
+                if start < first_pos:
+                    raise UnknownLayout(f"the block at {start} is gone")
+                blk = self._cut(key, parent, start, chunk, state, now, first_pos)
             if blk.disk_bytes == 0 and blk.data is not None:
                 self._write(blk, blk.data)
             blk.last_used = now
@@ -127,8 +145,8 @@ class BlockStore:
         self.layout = layout
 
     def _cut(self, key: str, parent: str, start: int, chunk: np.ndarray, state: SeqState,
-             now: float) -> Block:
-        data = state.block(start, start + len(chunk))
+             now: float, first_pos: int) -> Block:
+        data = state.block(start - first_pos, start - first_pos + len(chunk))
         blk = Block(key, parent, start, chunk.copy(), len(data), now, data=data)
         self._link(blk)
         self.ram_bytes += len(data)

@@ -121,8 +121,9 @@ class _Reader:
         return out
 
 
-def parse(data: bytes) -> SeqState:
-    """Read one sequence's state; raises UnknownLayout for anything it cannot cut safely."""
+def parse(data: bytes, first_pos: int = 0) -> SeqState:
+    """Read one sequence's state, whose cells must hold positions first_pos, first_pos + 1, ...
+    in order; raises UnknownLayout for anything it cannot cut safely."""
     r = _Reader(data)
     if r.take(_U32) != MAGIC:
         raise UnknownLayout("no sequence-state magic")
@@ -139,7 +140,7 @@ def parse(data: bytes) -> SeqState:
             raise UnknownLayout("cells in more than one stream")
         if s != (seq_id if n_stream > 1 else 0):
             raise UnknownLayout(f"cells in stream {s}, not the sequence's own")
-        _check_cells(r, num_cells, seq_id)
+        _check_cells(r, num_cells, seq_id, first_pos)
         state = _read_data(r, n_stream, num_cells)
     if state is None:
         raise UnknownLayout("the sequence holds no cells")
@@ -148,12 +149,13 @@ def parse(data: bytes) -> SeqState:
     return state
 
 
-def _check_cells(r: _Reader, num_cells: int, seq_id: int) -> None:
+def _check_cells(r: _Reader, num_cells: int, seq_id: int, first_pos: int) -> None:
     cells = r.array(num_cells * _CELL.itemsize, (num_cells,), _CELL)
     if not (cells["n_seq"] == 1).all() or not (cells["seq"] == seq_id).all():
         raise UnknownLayout("cells not of this sequence alone (or with extra cell data)")
-    if not np.array_equal(cells["pos"], np.arange(num_cells, dtype=np.int32)):
-        raise UnknownLayout("positions are not 0..n-1 in order (masked or shifted cells)")
+    if not np.array_equal(cells["pos"], np.arange(first_pos, first_pos + num_cells,
+                                                  dtype=np.int32)):
+        raise UnknownLayout("positions not consecutive from the first (masked or shifted cells)")
 
 
 def _read_data(r: _Reader, n_stream: int, num_cells: int) -> SeqState:

@@ -35,13 +35,17 @@ class KVOps(Protocol):
 
     def state_get(self, seq_id: int) -> bytes: ...
 
+    def state_get_range(self, seq_id: int, scratch: int, p0: int, p1: int) -> bytes | None: ...
+
     def state_set(self, seq_id: int, data: bytes) -> bool: ...
 
 
 class Tiers(Protocol):
     """The slower tiers (RAM, disk) as the live cache sees them (memory/tiered.py)."""
 
-    def save(self, tokens: np.ndarray, data: bytes) -> None: ...
+    def stored_prefix(self, tokens: np.ndarray) -> int: ...
+
+    def save(self, tokens: np.ndarray, data: bytes, first_pos: int = 0) -> bool: ...
 
     def best(self, want: np.ndarray) -> tuple[Tier, int]: ...
 
@@ -179,9 +183,21 @@ class LiveCache:
 
     def _save(self, seq_id: int) -> None:
         entry = self._retained[seq_id]
-        if not entry.is_saved and self.tiers is not None:
+        if (not entry.is_saved and self.tiers is not None
+                and not self._save_new_part(seq_id, entry.tokens)):
             self.tiers.save(entry.tokens, self.kv.state_get(seq_id))
         entry.is_saved = True
+
+    def _save_new_part(self, seq_id: int, tokens: np.ndarray) -> bool:
+        """Bring out of the context only the positions the tiers do not hold yet, through an
+        empty seq_id: the copy then follows the new tokens, not the whole history."""
+        assert self.tiers is not None
+        start = self.tiers.stored_prefix(tokens)
+        scratch = next((s for s in self._free if s not in self._retained), None)
+        if start == 0 or start >= len(tokens) or scratch is None:
+            return False
+        data = self.kv.state_get_range(seq_id, scratch, start, len(tokens))
+        return data is not None and self.tiers.save(tokens, data, start)
 
     def entries(self) -> list[tuple[str, int]]:
         """(key, tokens) of the retained KV; keys match the RAM and disk tiers' keys."""

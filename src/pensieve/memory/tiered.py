@@ -109,9 +109,19 @@ class TieredStore:
                           config.disk_bytes, files)
 
     # --- save ---------------------------------------------------------------------------------
-    def save(self, tokens: np.ndarray, data: bytes) -> None:
-        if self.blocks is not None and self._save_blocks(tokens, data):
-            return
+    def stored_prefix(self, tokens: np.ndarray) -> int:
+        """Leading tokens already kept as blocks: a save may bring only the state after them."""
+        if self.blocks is None or self.blocks.layout is None:
+            return 0
+        return self.blocks.stored_prefix(tokens)
+
+    def save(self, tokens: np.ndarray, data: bytes, first_pos: int = 0) -> bool:
+        """Keep a sequence's state (of positions [first_pos, len(tokens))); False when a
+        partial state could not be used (the caller then brings the whole one)."""
+        if self.blocks is not None and self._save_blocks(tokens, data, first_pos):
+            return True
+        if first_pos:
+            return False
         snap = Snapshot(tokens, data)
         self.ram.budget_bytes = self.config.ram_bytes - self._block_bytes(ram=True)
         self.ram.put(snap)
@@ -120,15 +130,16 @@ class TieredStore:
             self.disk.budget_bytes = self.config.disk_bytes - self._block_bytes(ram=False)
             self.disk.put(snap)
             self.stats.snapshot_bytes_to_disk += snap.num_bytes
+        return True
 
-    def _save_blocks(self, tokens: np.ndarray, data: bytes) -> bool:
+    def _save_blocks(self, tokens: np.ndarray, data: bytes, first_pos: int) -> bool:
         assert self.blocks is not None
         try:
-            state = parse(data)
+            state = parse(data, first_pos)
             self.blocks.ram_budget = self.config.ram_bytes - self.ram.num_bytes
             self.blocks.disk_budget = self.config.disk_bytes - (
                 self.disk.num_bytes if self.disk is not None else 0)
-            self.blocks.save(tokens, state)
+            self.blocks.save(tokens, state, first_pos)
         except UnknownLayout as exc:
             if str(exc) not in self._fallback_reasons:
                 self._fallback_reasons.add(str(exc))
