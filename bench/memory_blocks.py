@@ -52,12 +52,13 @@ def shared_prompt(num_rules: int) -> str:
 
 
 class Pensieve:
-    def __init__(self, name: str, model: Path, threads: int, data_dir: Path) -> None:
+    def __init__(self, name: str, model: Path, threads: int, data_dir: Path,
+                 part: str) -> None:
         self.port = free_port()
         argv = SERVERS["pensieve"].argv(model=model, port=self.port, threads=threads, parallel=1)
         argv += [*CONFIGS[name], "--data-dir", str(data_dir)]
         self.argv = argv
-        self.process = ServerProcess(argv, LOG_DIR / f"memory-blocks-{name}.log", self.port,
+        self.process = ServerProcess(argv, LOG_DIR / f"memory-blocks-{name}-{part}.log", self.port,
                                      "/health")
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = ""
@@ -95,7 +96,8 @@ def written(stats: dict[str, Any]) -> tuple[int, int]:
 
 def growth(name: str, args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
     rows = []
-    with Pensieve(name, args.model, args.threads, Path(tempfile.mkdtemp(dir=scratch))) as srv, \
+    data_dir = Path(tempfile.mkdtemp(dir=scratch))
+    with Pensieve(name, args.model, args.threads, data_dir, "growth") as srv, \
             httpx.Client() as client:
         messages = [{"role": "system", "content": "You are a concise assistant."}]
         before = written(srv.memory(client))
@@ -114,7 +116,8 @@ def growth(name: str, args: argparse.Namespace, scratch: Path) -> list[dict[str,
 def shared(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     num = args.shared_conversations if name == "blocks" else args.shared_snapshot_conversations
     prompt = shared_prompt(args.shared_rules)
-    with Pensieve(name, args.model, args.threads, Path(tempfile.mkdtemp(dir=scratch))) as srv, \
+    data_dir = Path(tempfile.mkdtemp(dir=scratch))
+    with Pensieve(name, args.model, args.threads, data_dir, "shared") as srv, \
             httpx.Client() as client:
         start = time.perf_counter()
         prompt_tokens = 0
@@ -139,10 +142,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "growth" in args.parts:
                     log.info("round %d growth %s", r + 1, name)
                     out["growth"][name].append(growth(name, args, scratch))
+                    _dump(args, out)
                 if "shared" in args.parts:
                     log.info("round %d shared %s", r + 1, name)
                     out["shared"][name].append(shared(name, args, scratch))
+                    _dump(args, out)
     return out
+
+
+def _dump(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Results so far (a long run on a busy box may not finish)."""
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps({"git": git_revision(), "args": vars(args) | {
+        "model": str(args.model), "json_out": str(args.json_out)}, **out}, indent=2,
+        default=str) + "\n")
 
 
 def _kib(n: float | None) -> str:
@@ -221,10 +234,7 @@ def main() -> int:
         print_table(table)
         if args.markdown:
             print(render_markdown(table))
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({"git": git_revision(), "args": vars(args) | {
-        "model": str(args.model), "json_out": str(args.json_out)}, **out}, indent=2,
-        default=str) + "\n")
+    _dump(args, out)
     return 0
 
 

@@ -196,6 +196,7 @@ class Plan:
     stop_grace_s: float
     rounds: int = 1
     sequential_sampling: SamplingConfig = SamplingConfig(max_tokens=80)
+    sequential_shapes: tuple[tuple[int, int], ...] = SEQUENTIAL_SHAPES
 
 
 class Server:
@@ -635,7 +636,7 @@ def bench_restart(config: ServerConfig, plan: Plan, scratch: Path) -> dict[str, 
 def bench_sequential(config: ServerConfig, plan: Plan, scratch: Path) -> dict[str, Any]:
     """One round: every shape on a fresh server of this config."""
     shapes = {}
-    for num_convs, turns in SEQUENTIAL_SHAPES:
+    for num_convs, turns in plan.sequential_shapes:
         convs = make_conversations(num_convs, turns, (0.0, 0.0), plan.seed + 2)
         data_dir = _data_dir(config, scratch, f"sequential-{num_convs}x{turns}")
         tag = f"sequential-{num_convs}x{turns}"
@@ -655,14 +656,13 @@ def sequential_rounds(
             log.info("sequential round %d: %s", r + 1, name)
             run = runs.setdefault(name, {"rounds": []})
             run["rounds"].append(bench_sequential(configs[name], plan, scratch))
-    for run in runs.values():
-        run["median"] = {
-            shape: {
-                key: _median([rd["shapes"][shape][key] for rd in run["rounds"]])
-                for key in ("ttft_turn1_p50_ms", "ttft_later_p50_ms", "cached_share_later")
+            run["median"] = {  # so far: an interrupted run still reports what finished
+                shape: {
+                    key: _median([rd["shapes"][shape][key] for rd in run["rounds"]])
+                    for key in ("ttft_turn1_p50_ms", "ttft_later_p50_ms", "cached_share_later")
+                }
+                for shape in run["rounds"][0]["shapes"]
             }
-            for shape in run["rounds"][0]["shapes"]
-        }
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -735,8 +735,8 @@ def restart_table(title: str, runs: dict[str, dict[str, Any]], skipped: dict[str
 
 
 def sequential_table(title: str, runs: dict[str, dict[str, Any]],
-                     skipped: dict[str, str]) -> Table:
-    shapes = [f"{n}x{t}" for n, t in SEQUENTIAL_SHAPES]
+                     skipped: dict[str, str], plan: Plan) -> Table:
+    shapes = [f"{n}x{t}" for n, t in plan.sequential_shapes]
     base = runs.get("llama-server", {}).get("median", {})
     headers = ["server"]
     for shape in shapes:
@@ -785,6 +785,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=48, help="output tokens per turn")
     parser.add_argument("--sequential-max-tokens", type=int, default=80,
                         help="sequential: output tokens per turn (64-96 is a chat answer)")
+    parser.add_argument("--sequential-shapes", default="1x5,12x3",
+                        help="sequential: CONVERSATIONSxTURNS,...")
     parser.add_argument("--rounds", type=int, default=2,
                         help="sequential: rounds, servers in alternating order")
     parser.add_argument("--seed", type=int, default=0)
@@ -826,6 +828,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         stop_grace_s=args.stop_grace,
         rounds=args.rounds,
         sequential_sampling=SamplingConfig(max_tokens=args.sequential_max_tokens),
+        sequential_shapes=tuple(
+            (int(n), int(t)) for n, t in (x.split("x") for x in args.sequential_shapes.split(","))
+        ),
     )
 
 
@@ -906,13 +911,13 @@ def main(argv: list[str] | None = None) -> int:
                                     out["skipped"].get("restart", {})))  # fmt: skip
     if "sequential" in out["results"]:
         title = (
-            "sequential: " + " and ".join(f"{n} x {t} turns" for n, t in SEQUENTIAL_SHAPES)
+            "sequential: " + " and ".join(f"{n} x {t} turns" for n, t in plan.sequential_shapes)
             + ", one conversation at a time, "
             f"one at a time, max_tokens {plan.sequential_sampling.max_tokens}, "
             f"{plan.rounds} rounds; " + common
         )
         tables.append(sequential_table(title, out["results"]["sequential"],
-                                       out["skipped"].get("sequential", {})))  # fmt: skip
+                                       out["skipped"].get("sequential", {}), plan))  # fmt: skip
     for table in tables:
         print_table(table)
         if args.markdown:
