@@ -913,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         title = (
             "sequential: " + " and ".join(f"{n} x {t} turns" for n, t in plan.sequential_shapes)
             + ", one conversation at a time, "
-            f"one at a time, max_tokens {plan.sequential_sampling.max_tokens}, "
+            f"max_tokens {plan.sequential_sampling.max_tokens}, "
             f"{plan.rounds} rounds; " + common
         )
         tables.append(sequential_table(title, out["results"]["sequential"],
