@@ -10,6 +10,14 @@ its memory on (the defaults) and Pensieve with `--no-prefix-cache`, one server a
 - restart: K conversations of 3 turns; the server is stopped (SIGTERM) and started again on
   the same data dir, then every conversation's 4th turn is sent, one at a time. Compared with
   the same 4th-turn prompts on a fresh server with memory off.
+- sequential: conversations taken one at a time, as a new user tries a server (no queueing,
+  no think time): 1 conversation x 5 turns, then 12 conversations x 3 turns, on a fresh server
+  each. Measures follow-up TTFT; `--rounds` runs every server once per round, in alternating
+  order, and reports medians over rounds.
+
+Pensieve runs in several memory configurations: `pensieve` (the defaults: KV blocks),
+`pensieve-snapshots` (`--memory-block-tokens 0`: whole snapshots, the earlier design),
+`pensieve-live-only` (`--memory-ram-mb 0 --memory-disk-mb 0`) and `pensieve-nomem`.
 
     python bench/multiturn.py                       # both workloads, default sizes
     python bench/multiturn.py --workloads multiturn --conversations 6 --turns 3 --think 0.2
@@ -109,8 +117,12 @@ QUESTIONS: tuple[str, ...] = (
     "Could you summarise what you told me so far?",
 )
 
-SERVER_CONFIGS = ("llama-server", "pensieve", "pensieve-nomem")
-WORKLOADS = ("multiturn", "restart")
+SERVER_CONFIGS = ("llama-server", "pensieve", "pensieve-snapshots", "pensieve-live-only",
+                  "pensieve-nomem")
+DEFAULT_SERVERS = ("llama-server", "pensieve", "pensieve-nomem")
+WORKLOADS = ("multiturn", "restart", "sequential")
+DEFAULT_WORKLOADS = ("multiturn", "restart")
+SEQUENTIAL_SHAPES = ((1, 5), (12, 3))  # (conversations, turns), each conversation in one go
 RESTART_TURNS = 3  # turns before the restart; the next one is measured
 RATIO_TARGETS = {"multiturn": 0.7, "restart": 0.25}
 
@@ -141,6 +153,20 @@ def server_configs() -> dict[str, ServerConfig]:
             uses_data_dir=True,
             cold_flags=("--no-prefix-cache",),
         ),
+        "pensieve-snapshots": ServerConfig(
+            "pensieve-snapshots",
+            SERVERS["pensieve"],
+            extra_flags=("--memory-block-tokens", "0"),
+            uses_data_dir=True,
+            cold_flags=("--no-prefix-cache",),
+        ),
+        "pensieve-live-only": ServerConfig(
+            "pensieve-live-only",
+            SERVERS["pensieve"],
+            extra_flags=("--memory-ram-mb", "0", "--memory-disk-mb", "0"),
+            uses_data_dir=True,
+            cold_flags=("--no-prefix-cache",),
+        ),
         "pensieve-nomem": ServerConfig(
             "pensieve-nomem",
             SERVERS["pensieve"],
@@ -168,6 +194,9 @@ class Plan:
     timeouts: Timeouts
     ready_timeout_s: float
     stop_grace_s: float
+    rounds: int = 1
+    sequential_sampling: SamplingConfig = SamplingConfig(max_tokens=80)
+    sequential_shapes: tuple[tuple[int, int], ...] = SEQUENTIAL_SHAPES
 
 
 class Server:
@@ -451,6 +480,26 @@ async def run_single_turns(
     return results
 
 
+async def run_one_at_a_time(
+    base_url: str, conversations: list[Conversation], turns: int, plan: Plan
+) -> list[TurnResult]:
+    """Each conversation's turns back to back, one conversation after another."""
+    seq_plan = dataclasses.replace(plan, sampling=plan.sequential_sampling)
+    results: list[TurnResult] = []
+    async with make_client(1, plan.timeouts) as client:
+        model = await discover_model(client, base_url)
+        await warm_up(client, base_url, seq_plan.sampling, model)
+        for conv in conversations:
+            while conv.turns_done < turns:
+                result = await _take_turn(client, base_url, conv, seq_plan, {"model": model})
+                results.append(result)
+                if not result.is_ok:
+                    log.warning("conversation %d turn %d failed: %s",
+                                conv.index, result.turn, result.error)  # fmt: skip
+                    break
+    return results
+
+
 async def fetch_memory(base_url: str) -> Any:
     async with make_client(1, Timeouts()) as client:
         return await server_memory(client, base_url)
@@ -584,6 +633,43 @@ def bench_restart(config: ServerConfig, plan: Plan, scratch: Path) -> dict[str, 
     }
 
 
+def bench_sequential(config: ServerConfig, plan: Plan, scratch: Path) -> dict[str, Any]:
+    """One round: every shape on a fresh server of this config."""
+    shapes = {}
+    for num_convs, turns in plan.sequential_shapes:
+        convs = make_conversations(num_convs, turns, (0.0, 0.0), plan.seed + 2)
+        data_dir = _data_dir(config, scratch, f"sequential-{num_convs}x{turns}")
+        tag = f"sequential-{num_convs}x{turns}"
+        with Server(config, plan, data_dir, cold=False, tag=tag) as server:
+            results = asyncio.run(run_one_at_a_time(server.base_url, convs, turns, plan))
+        shapes[f"{num_convs}x{turns}"] = summarize_multiturn(results, 0.0, num_convs * turns)
+    return {"command": server.argv, "shapes": shapes}
+
+
+def sequential_rounds(
+    names: list[str], configs: dict[str, ServerConfig], plan: Plan, scratch: Path,
+    runs: dict[str, Any],
+) -> None:
+    """`plan.rounds` rounds over the servers, in alternating order; medians over rounds."""
+    for r in range(plan.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            log.info("sequential round %d: %s", r + 1, name)
+            run = runs.setdefault(name, {"rounds": []})
+            run["rounds"].append(bench_sequential(configs[name], plan, scratch))
+            run["median"] = {  # so far: an interrupted run still reports what finished
+                shape: {
+                    key: _median([rd["shapes"][shape][key] for rd in run["rounds"]])
+                    for key in ("ttft_turn1_p50_ms", "ttft_later_p50_ms", "cached_share_later")
+                }
+                for shape in run["rounds"][0]["shapes"]
+            }
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 # ------------------------------------------------------------------------- tables
 
 
@@ -648,6 +734,29 @@ def restart_table(title: str, runs: dict[str, dict[str, Any]], skipped: dict[str
     return Table(title, headers, rows, notes)
 
 
+def sequential_table(title: str, runs: dict[str, dict[str, Any]],
+                     skipped: dict[str, str], plan: Plan) -> Table:
+    shapes = [f"{n}x{t}" for n, t in plan.sequential_shapes]
+    base = runs.get("llama-server", {}).get("median", {})
+    headers = ["server"]
+    for shape in shapes:
+        headers += [f"{shape} turn 1\nTTFT ms", f"{shape} turns>=2\nTTFT ms",
+                    f"{shape} turns>=2\n/ llama-server"]
+    rows = []
+    for name, run in runs.items():
+        row = [name]
+        for shape in shapes:
+            m = run["median"][shape]
+            theirs = base.get(shape, {}).get("ttft_later_p50_ms")
+            row += [_num(m["ttft_turn1_p50_ms"]), _num(m["ttft_later_p50_ms"]),
+                    _ratio(m["ttft_later_p50_ms"], theirs)]
+        rows.append(row)
+    notes = [f"{name}: skipped - {reason}" for name, reason in skipped.items()]
+    notes.append("TTFT: p50 within a round, median over rounds; servers alternate order "
+                 "between rounds. Target: pensieve turns>=2 / llama-server <= 1.")
+    return Table(title, headers, rows, notes)
+
+
 # ------------------------------------------------------------------------- main
 
 
@@ -659,9 +768,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--servers", default=",".join(SERVER_CONFIGS),
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                         help="comma-separated, from: " + ", ".join(SERVER_CONFIGS))  # fmt: skip
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                         help="comma-separated, from: " + ", ".join(WORKLOADS))  # fmt: skip
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
@@ -674,6 +783,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--restart-conversations", type=int, default=8,
                         help="restart: conversations (3 turns, restart, 4th turn)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=48, help="output tokens per turn")
+    parser.add_argument("--sequential-max-tokens", type=int, default=80,
+                        help="sequential: output tokens per turn (64-96 is a chat answer)")
+    parser.add_argument("--sequential-shapes", default="1x5,12x3",
+                        help="sequential: CONVERSATIONSxTURNS,...")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="sequential: rounds, servers in alternating order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=180.0)
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds per phase")
@@ -711,6 +826,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         timeouts=Timeouts(request_s=args.request_timeout, run_s=args.run_timeout),
         ready_timeout_s=args.ready_timeout,
         stop_grace_s=args.stop_grace,
+        rounds=args.rounds,
+        sequential_sampling=SamplingConfig(max_tokens=args.sequential_max_tokens),
+        sequential_shapes=tuple(
+            (int(n), int(t)) for n, t in (x.split("x") for x in args.sequential_shapes.split(","))
+        ),
     )
 
 
@@ -722,6 +842,12 @@ def run_all(plan: Plan, out: dict[str, Any]) -> None:
         for workload in plan.workloads:
             runs = out["results"].setdefault(workload, {})
             skipped = out["skipped"].setdefault(workload, {})
+            if workload == "sequential":
+                names = [n for n in plan.servers if configs[n].spec.is_installed]
+                skipped.update({n: f"{configs[n].spec.executable} not found"
+                                for n in plan.servers if n not in names})
+                sequential_rounds(names, configs, plan, scratch, runs)
+                continue
             for name in plan.servers:
                 config = configs[name]
                 if not config.spec.is_installed:
@@ -783,6 +909,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         tables.append(restart_table(title, out["results"]["restart"],
                                     out["skipped"].get("restart", {})))  # fmt: skip
+    if "sequential" in out["results"]:
+        title = (
+            "sequential: " + " and ".join(f"{n} x {t} turns" for n, t in plan.sequential_shapes)
+            + ", one conversation at a time, "
+            f"max_tokens {plan.sequential_sampling.max_tokens}, "
+            f"{plan.rounds} rounds; " + common
+        )
+        tables.append(sequential_table(title, out["results"]["sequential"],
+                                       out["skipped"].get("sequential", {}), plan))  # fmt: skip
     for table in tables:
         print_table(table)
         if args.markdown:

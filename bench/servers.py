@@ -2,7 +2,8 @@
 
 Each server's command line is one template tuple below; edit it there. Placeholders:
 {bench} (this folder), {repo} (the repository root), {model}, {host}, {port}, {threads},
-{parallel} (llama-server's -np).
+{parallel} (llama-server's -np). PENSIEVE_BENCH_PENSIEVE and PENSIEVE_BENCH_LLAMA_SERVER
+replace the two executables' paths (a worktree without its own .venv or llama.cpp build).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REPO_DIR = BENCH_DIR.parent
 HOST = "127.0.0.1"
 
 PENSIEVE_COMMAND: tuple[str, ...] = (
-    "{repo}/.venv/bin/pensieve", "serve",
+    os.environ.get("PENSIEVE_BENCH_PENSIEVE", "{repo}/.venv/bin/pensieve"), "serve",
     "--host", "{host}", "--port", "{port}",
     "--model", "{model}",
     "--threads", "{threads}",
@@ -37,7 +38,7 @@ PENSIEVE_COMMAND: tuple[str, ...] = (
 )  # fmt: skip
 
 LLAMA_SERVER_COMMAND: tuple[str, ...] = (
-    "{bench}/.build/cmake/bin/llama-server",
+    os.environ.get("PENSIEVE_BENCH_LLAMA_SERVER", "{bench}/.build/cmake/bin/llama-server"),
     "-m", "{model}",
     "-t", "{threads}", "-tb", "{threads}",
     "-np", "{parallel}",

@@ -21,7 +21,7 @@ from pensieve.engine.client import ClientLimits
 from pensieve.engine.devices import GpuConfig, list_gpus, usable_bytes
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
-from pensieve.memory.store import MemoryConfig, namespace_for
+from pensieve.memory.tiered import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
 from pensieve.store.netguard import NetPolicy
 
 KvCacheTypeName = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32"]
@@ -116,6 +116,10 @@ class Settings(BaseSettings):
         0, ge=0, le=1 << 30, description="GPU memory budget for resident models (the layers "
         "and KV offloaded), in MiB, counted apart from --max-memory-mb. 0: the GPUs' memory "
         "less 1 GiB each.")
+    memory_block_tokens: int = Field(
+        DEFAULT_BLOCK_TOKENS, ge=0, le=4096,
+        description="Tokens per KV block in the RAM and disk tiers: a turn stores only its new "
+        "blocks, and conversations sharing a prefix share its blocks. 0: whole snapshots.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
     # --- model store and lifecycle (docs/models.md) ---
@@ -256,7 +260,7 @@ class Settings(BaseSettings):
         disk_dir = str(self.data_dir / "memory") if self.memory_disk_mb > 0 else None
         return MemoryConfig(ram_bytes=self.memory_ram_mb << 20,
                             disk_bytes=self.memory_disk_mb << 20, disk_dir=disk_dir,
-                            namespace=namespace)
+                            namespace=namespace, block_tokens=self.memory_block_tokens)
 
     @property
     def kv_type_label(self) -> str:

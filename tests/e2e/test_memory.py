@@ -19,6 +19,11 @@ QUESTIONS = ["What is the capital of France?", "And of Italy?", "And of Spain?",
              "And of Portugal?"]
 
 
+def memory_files(data: Path) -> list[Path]:
+    """What the disk tier holds: KV blocks, and whole snapshots (layouts not cut into blocks)."""
+    return [p for p in (data / "memory").rglob("*") if p.suffix in (".kv", ".kvb")]
+
+
 def turn(server: Server, messages: list[dict], **extra) -> dict:
     body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0, **extra}
     r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
@@ -89,7 +94,7 @@ def test_a_conversation_continues_from_disk_after_a_restart(
         tmp_path: Path, flags: tuple[str, ...]) -> None:
     data = tmp_path / "data"
     history, last_prompt = first_three_turns(tmp_path, data, *flags)
-    assert list((data / "memory").glob("*/*.kv"))
+    assert memory_files(data)
     restored, memory, fresh = fourth_turn_after_restart(tmp_path, data, history, *flags,
                                                         reference=True)
     assert fresh is not None
@@ -108,7 +113,7 @@ def test_damaged_memory_files_are_ignored_and_the_answer_is_still_right(
         tmp_path: Path, damage: str) -> None:
     data = tmp_path / "data"
     history, _ = first_three_turns(tmp_path, data)
-    files = list((data / "memory").glob("*/*.kv"))
+    files = memory_files(data)
     assert files
     for path in files:
         raw = bytearray(path.read_bytes())
@@ -145,7 +150,7 @@ def test_memory_can_be_listed_and_deleted_over_http_and_from_the_cli(tmp_path: P
         assert missing.status_code == 404
         assert subprocess.run([*cli, "clear"], capture_output=True, timeout=60).returncode == 0
         assert httpx.get(f"{server.base_url}/admin/memory", timeout=30).json()["entries"] == []
-        assert not list((tmp_path / "data" / "memory").glob("*/*.kv"))
+        assert not memory_files(tmp_path / "data")
         # with nothing remembered, the next turn is computed in full
         again = turn(server, history)
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
@@ -189,7 +194,7 @@ def assert_budgets_hold(tmp_path: Path, *, ram_mb: int, disk_mb: int) -> None:
         stop_server(server)
     entries = listing["entries"]
     ram = sum(e.get("ram_bytes", 0) for e in entries)
-    disk_files = list((tmp_path / "data" / "memory").glob("*/*.kv"))
+    disk_files = memory_files(tmp_path / "data")
     assert len(entries) >= 3  # something is remembered ...
     assert ram <= ram_mb << 20  # ... within the RAM budget
     assert sum(p.stat().st_size for p in disk_files) <= disk_mb << 20  # ... and the disk budget

@@ -29,7 +29,7 @@ from pensieve.engine.devices import (
 )
 from pensieve.engine.llama import KV_CACHE_TYPES, context_params, model_params
 from pensieve.errors import InvalidRequest
-from pensieve.memory.store import namespace_for
+from pensieve.memory.tiered import namespace_for
 from pensieve.runtime import LifecycleConfig, ModelRuntime, ServedModel
 from pensieve.store.gguf import GgufInfo
 

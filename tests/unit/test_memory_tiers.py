@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pensieve.memory.store import MemoryConfig, TieredStore, namespace_for
+from pensieve.memory.prefix import Tier
+from pensieve.memory.tiered import MemoryConfig, TieredStore, namespace_for
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 
@@ -128,11 +129,11 @@ def test_store_counts_hits_per_tier_and_promotes_disk_to_ram(tmp_path: Path) -> 
     store.save(want(0, 40), b"state")
     store.close()
     fresh = TieredStore(cfg)  # as after a restart: RAM empty, disk full
-    assert fresh.best(want(0, 40)) == ("disk", 40)
-    assert fresh.load("disk", want(0, 40)) == b"state"
-    assert fresh.best(want(0, 40)) == ("ram", 40)
-    fresh.record("disk", 40)
-    fresh.record("none", 0)
+    assert fresh.best(want(0, 40)) == (Tier.DISK, 40)
+    assert fresh.load(Tier.DISK, want(0, 40)) == b"state"
+    assert fresh.best(want(0, 40)) == (Tier.RAM, 40)
+    fresh.record(Tier.DISK, 40)
+    fresh.record(None, 0)
     assert fresh.stats.hits["disk"] == 1 and fresh.stats.tokens_saved["disk"] == 40
     assert fresh.stats.misses == 1
     fresh.close()
@@ -172,8 +173,8 @@ def test_a_disk_snapshot_is_read_ahead_once_and_still_counts_as_disk(tmp_path: P
     read.result(timeout=10)
     calls: list[str] = []
     fresh.disk.load = lambda key: calls.append(key)  # type: ignore[method-assign]
-    assert fresh.best(want(0, 39)) == ("disk", 39)  # read ahead, but it came from disk
-    assert fresh.load("disk", want(0, 39)) == b"state" and calls == []  # no second read
+    assert fresh.best(want(0, 39)) == (Tier.DISK, 39)  # read ahead, but it came from disk
+    assert fresh.load(Tier.DISK, want(0, 39)) == b"state" and calls == []  # no second read
     assert fresh.prefetch(want(0, 39)) is None  # now in RAM: nothing to read ahead
     assert fresh.prefetch(want(1000, 5)) is None  # nothing on disk for it
     fresh.close()

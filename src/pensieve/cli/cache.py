@@ -43,12 +43,17 @@ def run_cache(args: argparse.Namespace, console: Console) -> int:
 
 
 def _table(body: dict[str, Any]) -> Table:
-    table = Table(title=f"memory of {body.get('model')}")
+    st = body.get("stats") or {}
+    caption = (f"{st.get('conversations', 0)} conversations in {st.get('blocks', 0)} blocks "
+               f"({st.get('shared_blocks', 0)} shared); RAM {_mib(st.get('ram_bytes')) or 0} "
+               f"MiB, disk {_mib(st.get('disk_bytes')) or 0} MiB") if "blocks" in st else None
+    table = Table(title=f"memory of {body.get('model')}", caption=caption)
     table.add_column("key", no_wrap=True, min_width=32)
-    for col in ("tokens", "tiers", "RAM MiB", "disk MiB", "idle s"):
+    for col in ("tokens", "tiers", "blocks (shared)", "RAM MiB", "disk MiB", "idle s"):
         table.add_column(col, justify="left" if col == "tiers" else "right")
     for e in body.get("entries", []):
-        table.add_row(e["key"], str(e["num_tokens"]), ",".join(e["tiers"]),
+        blocks = f"{e['blocks']} ({e['shared_blocks']})" if "blocks" in e else ""
+        table.add_row(e["key"], str(e["num_tokens"]), ",".join(e["tiers"]), blocks,
                       _mib(e.get("ram_bytes")), _mib(e.get("disk_bytes")),
                       str(e.get("idle_s", "")))
     return table

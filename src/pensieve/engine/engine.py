@@ -35,7 +35,8 @@ from pensieve.engine.types import (
     TokenLogprob,
 )
 from pensieve.memory.live import LiveCache
-from pensieve.memory.store import MemoryConfig, TieredStore
+from pensieve.memory.prefix import Tier
+from pensieve.memory.tiered import MemoryConfig, TieredStore
 
 log = logging.getLogger("pensieve.engine")
 
@@ -85,6 +86,7 @@ class Engine:
                 seq.release()
         self._requests.clear()
         if self.tiers is not None:
+            self.cache.save_retained()
             self.tiers.close()  # waits for queued disk writes
         if self._embedder is not None:
             self._embedder.close()
@@ -115,30 +117,25 @@ class Engine:
     def memory_summary(self) -> dict[str, object]:
         summary: dict[str, object] = {"live_retained_tokens": self.cache.num_retained_tokens}
         if self.tiers is not None:
-            st = self.tiers.stats
-            summary.update(hits=dict(st.hits), tokens_saved=dict(st.tokens_saved),
-                           misses=st.misses, ram_entries=len(self.tiers.ram),
-                           ram_bytes=self.tiers.ram.num_bytes)
-            if self.tiers.disk is not None:
-                summary.update(disk_entries=len(self.tiers.disk),
-                               disk_bytes=self.tiers.disk.num_bytes)
+            summary.update(self.tiers.summary())
         return summary
 
     def memory_entries(self) -> list[dict[str, object]]:
         """Every remembered prefix, by key, with the tiers holding it (no text)."""
+        self.cache.save_retained()  # list what a restart would find
         now = time.monotonic()
         by_key: dict[str, dict[str, Any]] = {}  # JSON rows
         for key, num_tokens in self.cache.entries():
-            by_key[key] = {"key": key, "num_tokens": num_tokens, "tiers": ["live"]}
-        tier_entries = self.tiers.entries() if self.tiers is not None else {}
-        for tier, rows in tier_entries.items():
-            for key, num_tokens, num_bytes, last_used in rows:
-                entry = by_key.setdefault(key, {"key": key, "num_tokens": num_tokens,
-                                                "tiers": []})
-                entry["tiers"].append(tier)
-                entry[f"{tier}_bytes"] = num_bytes
-                if last_used:
-                    entry["idle_s"] = round(now - last_used, 1)
+            by_key[key] = {"key": key, "num_tokens": num_tokens, "tiers": [Tier.LIVE.value]}
+        for row in self.tiers.entries() if self.tiers is not None else []:
+            entry = by_key.setdefault(row.key, {"key": row.key, "num_tokens": row.num_tokens,
+                                                    "tiers": []})
+            entry["tiers"].append(row.tier.value)
+            entry[f"{row.tier.value}_bytes"] = row.num_bytes
+            if row.num_blocks:
+                entry.update(blocks=row.num_blocks, shared_blocks=row.num_shared)
+            if row.last_used:
+                entry["idle_s"] = round(now - row.last_used, 1)
         return sorted(by_key.values(), key=lambda e: -int(e["num_tokens"]))
 
     def memory_delete(self, key: str | None) -> int:
@@ -149,11 +146,13 @@ class Engine:
             removed += int(self.cache.drop_key(k))
             if self.tiers is not None:
                 removed += self.tiers.delete(k)
+        if key is None and self.tiers is not None:
+            self.tiers.clear()
         return removed
 
     # --- requests ---------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.cache.has_unsaved
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         tokens = self.model.tokenize(text, add_special=add_special)
@@ -291,6 +290,7 @@ class Engine:
     def step(self) -> list[SeqOutput]:
         plan = self.scheduler.schedule()
         if not plan:
+            self.cache.save_retained()  # idle: now a finished turn's KV goes to RAM and disk
             return []
         sample_at = self._fill_batch(plan)
         rc = self.ctx.decode(self.batch)

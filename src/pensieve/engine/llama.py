@@ -329,6 +329,17 @@ class Context:
         n = C.llama_state_seq_get_data(self.handle, buf, size, seq_id)
         return bytes(memoryview(buf)[:n])
 
+    def state_get_range(self, seq_id: int, scratch: int, p0: int, p1: int) -> bytes | None:
+        """The state of `seq_id`'s positions [p0, p1) only, through an empty `scratch` seq_id
+        tagged with those cells (no copy on a unified cache); None on a split cache."""
+        if not self.kv_unified:
+            return None
+        C.llama_memory_seq_cp(self.memory, seq_id, scratch, p0, p1)
+        try:
+            return self.state_get(scratch)
+        finally:
+            C.llama_memory_seq_rm(self.memory, scratch, -1, -1)
+
     def state_set(self, seq_id: int, data: bytes) -> bool:
         """Load a state saved by `state_get` into `seq_id`; False if llama.cpp refused it."""
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)

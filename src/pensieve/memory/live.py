@@ -15,13 +15,17 @@ prefix costs no memory.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from pensieve.memory.prefix import Tier, longest_prefix, prefix_key, retention_value
+
+log = logging.getLogger("pensieve.memory")
 
 
 class KVOps(Protocol):
@@ -31,53 +35,44 @@ class KVOps(Protocol):
 
     def state_get(self, seq_id: int) -> bytes: ...
 
+    def state_get_range(self, seq_id: int, scratch: int, p0: int, p1: int) -> bytes | None: ...
+
     def state_set(self, seq_id: int, data: bytes) -> bool: ...
 
 
 class Tiers(Protocol):
-    """The slower tiers (RAM, disk) as the live cache sees them (memory/store.py)."""
+    """The slower tiers (RAM, disk) as the live cache sees them (memory/tiered.py)."""
 
-    def save(self, tokens: np.ndarray, data: bytes) -> None: ...
+    def stored_prefix(self, tokens: np.ndarray) -> int: ...
 
-    def best(self, want: np.ndarray) -> tuple[str, int]: ...
+    def save(self, tokens: np.ndarray, data: bytes, first_pos: int = 0) -> bool: ...
 
-    def load(self, tier: str, want: np.ndarray) -> bytes | None: ...
+    def best(self, want: np.ndarray) -> tuple[Tier, int]: ...
 
-    def record(self, tier: str, num_tokens: int) -> None: ...
+    def load(self, tier: Tier, want: np.ndarray) -> bytes | None: ...
+
+    def record(self, tier: Tier | None, num_tokens: int) -> None: ...
 
 
 @dataclass(slots=True)
 class _Retained:
     tokens: np.ndarray
     last_used: float
+    is_saved: bool = False  # already given to the slower tiers
 
     def retention_value(self, now: float) -> float:
-        """What keeping it is worth: tokens it saves recomputing, per second of idleness."""
-        return len(self.tokens) / (now - self.last_used + 1.0)
+        return retention_value(len(self.tokens), self.last_used, now)
 
 
 @dataclass(frozen=True, slots=True)
 class Acquired:
     seq_id: int
     num_reused: int  # leading tokens whose KV is already in place for this seq_id
-    tier: str = "none"  # where they came from: live, ram, disk (or none)
+    tier: Tier | None = None  # where they came from (None: nowhere, computed in full)
 
 # A slower tier's prefix must beat the live one by this many tokens to be worth a restore
 # (restoring costs a few ms; computing a token about 3 ms on a 2-core CPU).
 _RESTORE_MARGIN = 4
-
-
-def prefix_key(tokens: np.ndarray) -> str:
-    """The name of a token prefix in every tier (no text: a hash of the token ids)."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:32]
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 class LiveCache:
@@ -116,14 +111,17 @@ class LiveCache:
         restored = self._restore(want, live_len)
         if restored is not None:
             return restored
-        if own_id is not None and own_len >= src_len:  # own_len > 0 exactly when own_id is set
+        if own_len >= src_len and own_len > 0 and own_id is not None:
+            if own_len + _RESTORE_MARGIN < len(self._retained[own_id].tokens):
+                self._save(own_id)  # a branch (an edited turn): keep the old one findable
             seq_id = self._take(own_id)
-            self.kv.seq_remove(seq_id, own_len, -1)
-            return self._record(Acquired(seq_id, own_len, "live"))
+            if self._trim(seq_id, own_len):
+                return self._record(Acquired(seq_id, own_len, Tier.LIVE))
+            return self._record(Acquired(seq_id, 0))
         seq_id = self._take(self._least_useful_free())
         if src_len > 0 and src_id is not None:
             self.kv.copy_prefix(src_id, seq_id, src_len)
-            return self._record(Acquired(seq_id, src_len, "live"))
+            return self._record(Acquired(seq_id, src_len, Tier.LIVE))
         return self._record(Acquired(seq_id, 0))
 
     def _restore(self, want: np.ndarray, live_len: int) -> Acquired | None:
@@ -141,8 +139,20 @@ class LiveCache:
             self.kv.seq_remove(seq_id)
             self._free.append(seq_id)
             return None
-        self.kv.seq_remove(seq_id, length, -1)
+        if not self._trim(seq_id, length):
+            self._free.append(seq_id)
+            return None
         return self._record(Acquired(seq_id, length, tier))
+
+    def _trim(self, seq_id: int, length: int) -> bool:
+        """Keep only `seq_id`'s first `length` positions. A model whose memory cannot drop part
+        of a sequence (recurrent state) refuses: then the sequence is emptied and False returned,
+        so nothing is reused from it."""
+        if self.kv.seq_remove(seq_id, length, -1):
+            return True
+        log.debug("memory: seq %d cannot be cut at %d tokens; recomputing instead", seq_id, length)
+        self.kv.seq_remove(seq_id)
+        return False
 
     def _record(self, acquired: Acquired) -> Acquired:
         if self.tiers is not None:
@@ -153,13 +163,41 @@ class LiveCache:
         """Give a seq_id back, keeping its KV for reuse when `tokens_in_kv` says what it holds."""
         if tokens_in_kv and self.enabled:
             tokens = np.asarray(tokens_in_kv, dtype=np.int32)
-            self.kv.seq_remove(seq_id, len(tokens), -1)  # keep exactly what is named
-            self._retained[seq_id] = _Retained(tokens, time.monotonic())
-            if self.tiers is not None:  # also kept outside the context, for later or a restart
-                self.tiers.save(tokens, self.kv.state_get(seq_id))
+            if self._trim(seq_id, len(tokens)):  # keep exactly what is named
+                self._retained[seq_id] = _Retained(tokens, time.monotonic(),
+                                                   is_saved=self.tiers is None)
         else:
             self.kv.seq_remove(seq_id)
         self._free.append(seq_id)
+
+    @property
+    def has_unsaved(self) -> bool:
+        return any(not r.is_saved for r in self._retained.values())
+
+    def save_retained(self) -> None:
+        """Give the slower tiers what only the context holds. Called when the engine is idle
+        and before retained cells are dropped, so a finished turn's state is never copied on
+        the path of the request that follows it."""
+        for seq_id in list(self._retained):
+            self._save(seq_id)
+
+    def _save(self, seq_id: int) -> None:
+        entry = self._retained[seq_id]
+        if (not entry.is_saved and self.tiers is not None
+                and not self._save_new_part(seq_id, entry.tokens)):
+            self.tiers.save(entry.tokens, self.kv.state_get(seq_id))
+        entry.is_saved = True
+
+    def _save_new_part(self, seq_id: int, tokens: np.ndarray) -> bool:
+        """Bring out of the context only the positions the tiers do not hold yet, through an
+        empty seq_id: the copy then follows the new tokens, not the whole history."""
+        assert self.tiers is not None
+        start = self.tiers.stored_prefix(tokens)
+        scratch = next((s for s in self._free if s not in self._retained), None)
+        if start == 0 or start >= len(tokens) or scratch is None:
+            return False
+        data = self.kv.state_get_range(seq_id, scratch, start, len(tokens))
+        return data is not None and self.tiers.save(tokens, data, start)
 
     def entries(self) -> list[tuple[str, int]]:
         """(key, tokens) of the retained KV; keys match the RAM and disk tiers' keys."""
@@ -176,7 +214,7 @@ class LiveCache:
         """Drop the retained KV of least retention value; False if nothing is retained."""
         if not self._retained:
             return False
-        self._drop(self._least_valuable(self._retained))
+        self._drop(self._least_valuable(self._retained), save=True)
         return True
 
     def _least_valuable(self, seq_ids: Iterable[int]) -> int:
@@ -187,7 +225,9 @@ class LiveCache:
         for seq_id in list(self._retained):
             self._drop(seq_id)
 
-    def _drop(self, seq_id: int) -> None:
+    def _drop(self, seq_id: int, *, save: bool = False) -> None:
+        if save:
+            self._save(seq_id)
         del self._retained[seq_id]
         self.kv.seq_remove(seq_id)
 
@@ -198,24 +238,13 @@ class LiveCache:
         return seq_id
 
     def _best_free(self, want: np.ndarray) -> tuple[int | None, int]:
-        best: tuple[int | None, int] = (None, 0)
-        for seq_id, entry in self._retained.items():
-            n = common_prefix(entry.tokens, want)
-            if n > best[1]:
-                best = (seq_id, n)
-        return best
+        return longest_prefix(((i, r.tokens) for i, r in self._retained.items()), want)
 
     @staticmethod
     def _best_running(want: np.ndarray, running: Iterable[tuple[int, list[int]]]
                       ) -> tuple[int | None, int]:
-        best: tuple[int | None, int] = (None, 0)
-        for seq_id, tokens in running:
-            if not tokens or tokens[0] != want[0]:
-                continue
-            n = common_prefix(np.asarray(tokens, dtype=np.int32), want)
-            if n > best[1]:
-                best = (seq_id, n)
-        return best
+        return longest_prefix(((i, np.asarray(t, dtype=np.int32)) for i, t in running
+                               if t and t[0] == want[0]), want)
 
     def _least_useful_free(self) -> int:
         """A free seq_id holding nothing, else the one whose retained KV is worth least."""
@@ -224,5 +253,5 @@ class LiveCache:
                 self.kv.seq_remove(seq_id)
                 return seq_id
         seq_id = self._least_valuable(self._free)
-        self._drop(seq_id)
+        self._drop(seq_id, save=True)
         return seq_id

@@ -4,7 +4,7 @@ A snapshot is one sequence's KV state (`llama_state_seq_get_data`) together with
 tokens it covers. Lookups are by longest exact token prefix. Eviction keeps what would cost the
 most to recompute per second of idleness (the retention value of the Pensieve paper):
 
-    value = tokens covered / (seconds since last use + 1)
+    value = tokens covered / (seconds since last use + 1)   (memory/prefix.py)
 
 A snapshot whose tokens are a proper prefix of another's is redundant (restoring the longer one and
 trimming it gives the same KV), so each tier keeps only the longest: a conversation takes one
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pensieve.memory.live import common_prefix, prefix_key
+from pensieve.memory.prefix import is_covered, longest_prefix, prefix_key, retention_value
 
 log = logging.getLogger("pensieve.memory")
 
@@ -57,12 +57,7 @@ class Snapshot:
         return len(self.data) + self.tokens.nbytes
 
     def retention_value(self, now: float) -> float:
-        return len(self.tokens) / (now - self.last_used + 1.0)
-
-
-def is_covered(tokens: np.ndarray, by: np.ndarray) -> bool:
-    """True when `tokens` is a prefix of `by` (so a snapshot of `by` serves it too)."""
-    return len(tokens) <= len(by) and common_prefix(tokens, by) == len(tokens)
+        return retention_value(len(self.tokens), self.last_used, now)
 
 
 def _evict_order(items: dict[str, Snapshot]) -> list[str]:
@@ -106,12 +101,7 @@ class RamTier:
         return snap is not None
 
     def best(self, want: np.ndarray) -> tuple[Snapshot | None, int]:
-        best: tuple[Snapshot | None, int] = (None, 0)
-        for snap in self._items.values():
-            n = common_prefix(snap.tokens, want)
-            if n > best[1]:
-                best = (snap, n)
-        return best
+        return longest_prefix(((s, s.tokens) for s in self._items.values()), want)
 
 
 @dataclass(slots=True)
@@ -122,7 +112,7 @@ class _DiskEntry:
     last_used: float
 
     def retention_value(self, now: float) -> float:
-        return len(self.tokens) / (now - self.last_used + 1.0)
+        return retention_value(len(self.tokens), self.last_used, now)
 
 
 class DiskTier:
@@ -157,6 +147,15 @@ class DiskTier:
             return [(k, len(e.tokens), e.num_bytes, e.last_used)
                     for k, e in self._entries.items()]
 
+    def num_tokens(self, key: str) -> int:
+        with self._lock:
+            entry = self._entries.get(key)
+            return len(entry.tokens) if entry is not None else 0
+
+    def forget(self, key: str) -> None:
+        """Delete one snapshot without waiting for queued writes (none may name it)."""
+        self._forget(key, remove=True)
+
     def remove(self, key: str) -> bool:
         self.flush()
         with self._lock:
@@ -166,12 +165,7 @@ class DiskTier:
 
     def best(self, want: np.ndarray) -> tuple[str | None, int]:
         with self._lock:
-            best: tuple[str | None, int] = (None, 0)
-            for key, entry in self._entries.items():
-                n = common_prefix(entry.tokens, want)
-                if n > best[1]:
-                    best = (key, n)
-            return best
+            return longest_prefix(((k, e.tokens) for k, e in self._entries.items()), want)
 
     def load(self, key: str) -> Snapshot | None:
         with self._lock:
