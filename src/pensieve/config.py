@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         True, description="Also reuse the KV of generated answers, as llama-server and vLLM do: "
         "a follow-up turn computes only the new message. Off: each turn recomputes the previous "
         "answer as prompt, so a turn restored from memory matches a fresh computation "
-        "bit for bit when the KV layout is the same (see docs/architecture.md, Determinism).")
+        "bit for bit when the KV layout is the same (see docs/memory.md, Determinism).")
     memory_ram_mb: int = Field(2048, ge=0, le=1 << 24,
                                description="RAM budget for conversations' KV outside the "
                                "llama context, in MiB. 0: no RAM tier.")

@@ -42,7 +42,7 @@ def run_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None
 def api_run(client: OpenAI, messages: list[dict[str, str]]) -> list:
     """The API's greedy run of the same request, token by token with its near alternatives:
     the CLI's answer is checked against it with the documented near-tie tolerance, since the
-    two computations may find different KV layouts (docs/architecture.md, Determinism)."""
+    two computations may find different KV layouts (docs/memory.md, Determinism)."""
     resp = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
                                           logprobs=True, top_logprobs=5,
                                           **GREEDY)  # type: ignore[arg-type]

@@ -63,7 +63,7 @@ def test_concurrent_requests_are_batched_and_agree(client: OpenAI) -> None:
     alone = _vectors(client, texts)
     with ThreadPoolExecutor(6) as pool:
         each = list(pool.map(lambda t: _vectors(client, t)[0], texts))
-    # llama.cpp's CPU kernels round differently for other batch shapes (docs/architecture.md,
+    # llama.cpp's CPU kernels round differently for other batch shapes (docs/memory.md,
     # Determinism): the same text in another batch is the same direction, not the same bits
     cosines = np.sum(np.array(each) * alone, axis=1)
     assert cosines.min() > 0.999, cosines

@@ -50,7 +50,7 @@ def fourth_turn(server: Server, history: list[dict], **extra) -> dict:
 
 def assert_same_answer(a: dict, b: dict) -> None:
     """Two greedy answers to the same prompt computed on servers whose KV caches were laid out
-    differently: equal up to a near-tie (docs/architecture.md, "Determinism")."""
+    differently: equal up to a near-tie (docs/memory.md, "Determinism")."""
     assert_same_greedy_run(a["choices"][0]["logprobs"]["content"],
                            b["choices"][0]["logprobs"]["content"])
 

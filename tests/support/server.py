@@ -77,7 +77,7 @@ def stop_server(server: Server) -> None:
 
 
 # Tolerances for comparing two greedy runs of the same request that llama.cpp computed along
-# different paths (alone or batched, KV restored or recomputed); see docs/architecture.md,
+# different paths (alone or batched, KV restored or recomputed); see docs/memory.md,
 # "Determinism". Measured on the default model: chosen-token logprobs within 0.23 nats over 32
 # tokens, and the runs diverge only where the top two tokens were within 0.14 nats.
 LOGPROB_TOLERANCE = 0.5  # nats, for the same token at the same position
