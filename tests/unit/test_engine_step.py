@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -142,7 +144,7 @@ class FakeRunner:
 
     def sample(self, seqs: list[Sequence], chunks: list[int]) -> list[int]:
         assert all(self._plan[c].completes for c in chunks), "no logits at that chunk"
-        self.sampled.append([(s.request_id, s.index, c) for s, c in zip(seqs, chunks)])
+        self.sampled.append([(s.request_id, s.index, c) for s, c in zip(seqs, chunks, strict=True)])
         return [self._next(s) for s in seqs]
 
     def _next(self, seq: Sequence) -> int:
@@ -178,9 +180,8 @@ def make_engine(*, flash_attn: str = "off", prefix_cache: bool = True,
 
 
 def submit(engine: Engine, rid: str, prompt: str, *, add_special: bool = True,
-           **params: object) -> RequestAccepted:
-    request = EngineRequest(rid, SamplingParams(**params), prompt=prompt,  # type: ignore[arg-type]
-                            add_special=add_special)
+           **params: Any) -> RequestAccepted:
+    request = EngineRequest(rid, SamplingParams(**params), prompt=prompt, add_special=add_special)
     reply = engine.add_request(request)
     assert isinstance(reply, RequestAccepted), reply
     return reply
@@ -188,7 +189,7 @@ def submit(engine: Engine, rid: str, prompt: str, *, add_special: bool = True,
 
 def run(engine: Engine, max_steps: int = 200) -> list[list[SeqOutput]]:
     """Step until idle; each step's outputs."""
-    steps = []
+    steps: list[list[SeqOutput]] = []
     while engine.has_work():
         assert len(steps) < max_steps, "the engine never went idle"
         steps.append(engine.step())
@@ -295,6 +296,7 @@ def test_no_kv_slot_preempts_the_newest_which_recomputes_its_tokens() -> None:
     steps = [engine.step(), engine.step()]
     b = engine._requests["b"][0]
     old_id = b.seq_id
+    assert old_id is not None
     runner.codes.append(1)
     assert engine.step() == []
     assert b.seq_id is None and b.num_computed == 0
@@ -415,7 +417,7 @@ def test_the_worker_sends_one_step_output_per_step() -> None:
     runner.script("a", "ok")
     conn = FakeConn(EngineRequest("a", SamplingParams(), prompt="Hello"),
                     AbortRequest("nobody"))
-    _serve(conn, engine)  # type: ignore[arg-type]
+    _serve(cast(Connection, conn), engine)
     summary = [([type(o).__name__ for o in m.outputs], m.num_running, m.num_waiting,
                 m.num_batch_tokens, m.memory is not None) for m in conn.sent]
     assert summary == [
