@@ -257,9 +257,6 @@ class Engine:
             chunk.seq.num_computed += chunk.count
             num_tokens += chunk.count
         self.num_batch_tokens = num_tokens
-        return self._postprocess(plan)
-
-    def _postprocess(self, plan: list[ScheduledChunk]) -> list[SeqOutput]:
         seqs, chunks = self._to_sample(plan)
         if not seqs:
             return []
@@ -275,7 +272,7 @@ class Engine:
         for i, chunk in enumerate(plan):
             leader = chunk.seq
             forked = self._fork_followers(leader) if leader.followers else ()
-            if not chunk.completes:
+            if leader.num_computed != len(leader.tokens):  # more to compute: no logits yet
                 continue
             seqs.append(leader)
             chunks.append(i)
