@@ -439,12 +439,13 @@ def test_logprobs_are_attached_only_when_asked() -> None:
 
 
 def test_token_logprob_is_a_log_softmax_with_the_top_tokens_first() -> None:
-    logits = np.array([1.0, 3.0, 2.0, 3.0], dtype=np.float32)
+    logits = np.array([1.0, 3.0, 2.0, 4.0], dtype=np.float32)
     lp = token_logprob(logits, 2, 2, lambda t: bytes([65 + t]))
     total = sum(math.exp(x) for x in logits)
+    assert (lp.token_id, lp.token) == (2, b"C")
     assert lp.logprob == pytest.approx(math.log(math.exp(2.0) / total), rel=1e-6)
-    assert [(t, p) for t, p, _ in lp.top] == [(1, b"B"), (3, b"D")]  # ties keep id order
-    assert lp.top[0][2] == pytest.approx(math.log(math.exp(3.0) / total), rel=1e-6)
+    assert [(t, p) for t, p, _ in lp.top] == [(3, b"D"), (1, b"B")]
+    assert lp.top[0][2] == pytest.approx(math.log(math.exp(4.0) / total), rel=1e-6)
 
 
 # --- rejected requests -----------------------------------------------------------------------

@@ -105,7 +105,7 @@ class ModelRunner(Protocol):
 
 def token_logprob(logits: np.ndarray, token: int, num_top: int,
                   piece: Callable[[int], bytes]) -> TokenLogprob:
-    """Log-softmax of raw logits, read in place (no copy of the vocabulary-sized row)."""
+    """`token`'s log-softmax over raw logits (numpy, straight on the runner's logits row)."""
     peak = float(logits.max())
     lse = peak + float(np.log(np.exp(logits - peak).sum()))
     top: tuple[tuple[int, bytes, float], ...] = ()
