@@ -32,7 +32,7 @@ def _run(engine: Engine, req: EngineRequest) -> tuple[int, dict[int, list[int]]]
     while engine.has_work():
         for out in engine.step():
             outputs.setdefault(out.index, []).extend(out.token_ids)
-        num_decoded += engine.batch.num_tokens
+        num_decoded += engine.num_batch_tokens  # the batch itself now lives in the runner
     return num_decoded, outputs
 
 

@@ -1,7 +1,8 @@
 """The engine: requests in, one batched `llama_decode` per step, token outputs out.
 
-Each `step()` reads as schedule -> run -> postprocess. The engine is single-threaded and owns the
-llama context; the worker process drives it (see worker.py).
+Each `step()` reads as schedule -> run -> postprocess. The engine is single-threaded and owns its
+model runner (runner.py: the llama context, or a scripted fake in the unit tests); the worker
+process drives it (see worker.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
-from pensieve.engine.devices import GpuConfig, place_model
-from pensieve.engine.embedder import Embedder
-from pensieve.engine.llama import Batch, Context, ContextConfig, GrammarError, Model, Sampler
+from pensieve.engine.devices import GpuConfig
+from pensieve.engine.llama import ContextConfig, GrammarError
+from pensieve.engine.runner import DECODE_NO_KV_SLOT, DECODE_OK, LlamaRunner, ModelRunner
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.sequence import Sequence
 from pensieve.engine.types import (
@@ -32,7 +33,6 @@ from pensieve.engine.types import (
     RequestRejected,
     SamplingParams,
     SeqOutput,
-    TokenLogprob,
 )
 from pensieve.memory.live import LiveCache
 from pensieve.memory.prefix import Tier
@@ -54,31 +54,23 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
-        gpu, self.offload = place_model(config.model_path, config.context, config.gpu)
-        self.model = Model(config.model_path, use_mmap=config.use_mmap, gpu=gpu)
-        try:
-            self.ctx = Context(self.model, config.context)
-        except Exception:
-            self.model.close()
-            raise
-        self.batch = Batch(self.ctx.n_batch)
-        self.n_ctx_limit = min(self.ctx.n_ctx_seq, self.model.n_ctx_train() or self.ctx.n_ctx_seq)
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        self.runner: ModelRunner = runner if runner is not None else LlamaRunner(config)
+        self.vocab = self.runner.vocab
+        self.n_ctx_limit = self.runner.n_ctx_limit
         batch_invariant = config.context.flash_attn == "off" or not config.context.kv_unified
         self.tiers = (TieredStore(config.memory)
                       if config.memory is not None and config.prefix_cache else None)
-        self.cache = LiveCache(self.ctx.n_seq_max, self.ctx, enabled=config.prefix_cache,
+        self.cache = LiveCache(self.runner.n_seq_max, self.runner.kv, enabled=config.prefix_cache,
                                tiers=self.tiers)
         self.scheduler = Scheduler(
-            cache=self.cache, n_ctx=self.ctx.n_ctx, token_budget=self.ctx.n_batch,
+            cache=self.cache, n_ctx=self.runner.n_ctx, token_budget=self.runner.n_batch,
             max_prefills=None if batch_invariant else 1,
             reuse_generated=config.reuse_generated,
             prefill_chunk_while_decoding=config.prefill_chunk_while_decoding,
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0
-        self._n_threads = config.context.n_threads_batch
-        self._embedder: Embedder | None = None  # created on the first embeddings request
 
     def close(self) -> None:
         for group in self._requests.values():
@@ -88,31 +80,10 @@ class Engine:
         if self.tiers is not None:
             self.cache.save_retained()
             self.tiers.close()  # waits for queued disk writes
-        if self._embedder is not None:
-            self._embedder.close()
-        self.ctx.close()
-        self.model.close()
+        self.runner.close()
 
     def info(self) -> ModelInfo:
-        m = self.model
-        return ModelInfo(
-            path=m.path,
-            description=m.description(),
-            size_bytes=m.size_bytes(),
-            num_params=m.num_params(),
-            n_ctx=self.ctx.n_ctx,
-            n_ctx_seq=self.n_ctx_limit,
-            n_ctx_train=m.n_ctx_train(),
-            n_seq_max=self.ctx.n_seq_max,
-            n_vocab=m.n_vocab,
-            chat_template=m.chat_template(),
-            bos_token=m.token_text(m.bos),
-            eos_token=m.token_text(m.eos),
-            add_bos=m.add_bos,
-            load_seconds=m.load_seconds,
-            metadata=m.metadata(),
-            offload=self.offload,
-        )
+        return self.runner.info()
 
     def memory_summary(self) -> dict[str, object]:
         summary: dict[str, object] = {"live_retained_tokens": self.cache.num_retained_tokens}
@@ -155,8 +126,8 @@ class Engine:
         return self.scheduler.has_work() or self.cache.has_unsaved
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
-        tokens = self.model.tokenize(text, add_special=add_special)
-        bos = self.model.bos
+        tokens = self.vocab.tokenize(text, add_special=add_special)
+        bos = self.vocab.bos
         if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
             tokens = tokens[1:]  # the chat template already wrote BOS
         return tokens
@@ -167,7 +138,7 @@ class Engine:
         problem = self._outside_vocab(tokens, "Token id")
         if problem is not None:
             return RequestRejected(request_id, problem, param="tokens", code="invalid_token")
-        data = b"".join(self.model.token_bytes(t) for t in tokens)
+        data = b"".join(self.vocab.token_bytes(t) for t in tokens)
         return DetokenizeResult(request_id, data.decode("utf-8", errors="replace"))
 
     def add_request(self, req: EngineRequest) -> RequestAccepted | RequestRejected:
@@ -221,7 +192,7 @@ class Engine:
 
     def _outside_vocab(self, tokens: Iterable[int], what: str) -> str | None:
         """Why these token ids cannot be used, or None when all are in the vocabulary."""
-        n_vocab = self.model.n_vocab
+        n_vocab = self.vocab.n_vocab
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
         if bad is None:
             return None
@@ -235,9 +206,9 @@ class Engine:
             return ("ignore_eos cannot be combined with a grammar, a JSON response_format or "
                     "tools: the grammar decides where the output ends.", "ignore_eos",
                     "invalid_value")
-        if req.params.n > self.ctx.n_seq_max:
+        if req.params.n > self.runner.n_seq_max:
             return (f"n={req.params.n} is more than this server's --parallel "
-                    f"({self.ctx.n_seq_max}) sequences.", "n", "invalid_value")
+                    f"({self.runner.n_seq_max}) sequences.", "n", "invalid_value")
         return None
 
     def _make_group(self, req: EngineRequest, tokens: list[int]) -> list[Sequence]:
@@ -266,17 +237,15 @@ class Engine:
             tokens=list(tokens),
             num_prompt=len(tokens),
             max_tokens=max_tokens,
-            detok=IncrementalDetokenizer(self.model.piece, p.stop),
-            sampler=Sampler(self.model, p, (base_seed + i) & 0xFFFFFFFF),
+            detok=IncrementalDetokenizer(self.vocab.piece, p.stop),
+            sampler=self.runner.new_sampler(p, (base_seed + i) & 0xFFFFFFFF),
             leader=group[0] if group else None,
             use_cache=req.use_cache,
         )
 
     def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult | RequestRejected]:
         """Embed every input of these requests, batched together."""
-        if self._embedder is None:
-            self._embedder = Embedder(self.model, self._n_threads, self.tokenize)
-        return self._embedder.embed(requests)
+        return self.runner.embed(requests, self.tokenize)
 
     def abort(self, request_id: str) -> None:
         group = self._requests.pop(request_id, None)
@@ -292,42 +261,40 @@ class Engine:
         if not plan:
             self.cache.save_retained()  # idle: now a finished turn's KV goes to RAM and disk
             return []
-        sample_at = self._fill_batch(plan)
-        rc = self.ctx.decode(self.batch)
-        if rc == 1:
+        rc = self.runner.decode(plan)
+        if rc == DECODE_NO_KV_SLOT:
             return self._on_no_kv_room()
-        if rc != 0:
+        if rc != DECODE_OK:
             return self._fail_plan(plan, f"llama_decode failed with code {rc}")
-        self.num_batch_tokens = self.batch.num_tokens
+        num_tokens = 0
         for chunk in plan:
             chunk.seq.num_computed += chunk.count
-        return self._postprocess(plan, sample_at)
+            num_tokens += chunk.count
+        self.num_batch_tokens = num_tokens
+        seqs, chunks = self._to_sample(plan)
+        if not seqs:
+            return []
+        tokens = self.runner.sample(seqs, chunks)
+        return [self._emit(seq, token, chunk)
+                for seq, token, chunk in zip(seqs, tokens, chunks, strict=True)]
 
-    def _fill_batch(self, plan: list[ScheduledChunk]) -> dict[int, int]:
-        """Pack the plan into the batch; returns batch index to sample from, per sequence."""
-        self.batch.clear()
-        sample_at: dict[int, int] = {}
-        for chunk in plan:
-            seq = chunk.seq
-            tokens = seq.tokens[chunk.start : chunk.start + chunk.count]
-            assert seq.seq_id is not None
-            idx = self.batch.add(tokens, chunk.start, seq.seq_id, chunk.completes)
-            if chunk.completes:
-                sample_at[id(seq)] = idx
-        return sample_at
-
-    def _postprocess(self, plan: list[ScheduledChunk],
-                     sample_at: dict[int, int]) -> list[SeqOutput]:
-        outputs: list[SeqOutput] = []
-        for chunk in plan:
+    def _to_sample(self, plan: list[ScheduledChunk]) -> tuple[list[Sequence], list[int]]:
+        """Who samples this step, and from which chunk's logits: each sequence whose chunk
+        computed its last token, and the n > 1 followers forked from it just now."""
+        seqs: list[Sequence] = []
+        chunks: list[int] = []
+        for i, chunk in enumerate(plan):
             leader = chunk.seq
-            forked = self._fork_followers(leader) if leader.followers else []
-            idx = sample_at.get(id(leader))
-            if idx is None:
+            forked = self._fork_followers(leader) if leader.followers else ()
+            if leader.num_computed != len(leader.tokens):  # more to compute: no logits yet
                 continue
-            for seq in [leader, *[f for f in forked if f.num_pending == 0]]:
-                outputs.append(self._sample(seq, idx))
-        return outputs
+            seqs.append(leader)
+            chunks.append(i)
+            for f in forked:
+                if f.num_pending == 0:
+                    seqs.append(f)
+                    chunks.append(i)
+        return seqs, chunks
 
     def _fork_followers(self, leader: Sequence) -> list[Sequence]:
         """n > 1: once the leader's prompt KV exists, copy it to the waiting followers."""
@@ -337,13 +304,13 @@ class Engine:
         for f in leader.followers:
             if f.waits_for_leader and f.seq_id is not None and not f.is_finished:
                 assert leader.seq_id is not None
-                self.ctx.copy_prefix(leader.seq_id, f.seq_id, leader.num_prompt)
+                self.runner.kv.copy_prefix(leader.seq_id, f.seq_id, leader.num_prompt)
                 f.num_computed = f.num_prompt
                 forked.append(f)
         return forked
 
-    def _sample(self, seq: Sequence, idx: int) -> SeqOutput:
-        token = seq.sampler.sample(self.ctx, idx)  # leaves the context's logits untouched
+    def _emit(self, seq: Sequence, token: int, chunk: int) -> SeqOutput:
+        """Append a sampled token; its output, with text, finishing the sequence when it ends."""
         seq.tokens.append(token)
         out = SeqOutput(
             request_id=seq.request_id,
@@ -354,8 +321,8 @@ class Engine:
             num_output_tokens=seq.num_output,
         )
         if seq.params.logprobs:
-            out.logprobs = [self._logprob(idx, token, seq.params.top_logprobs)]
-        if self.model.is_eog(token) and not seq.params.ignore_eos:
+            out.logprobs = [self.runner.logprob(chunk, token, seq.params.top_logprobs)]
+        if self.vocab.is_eog(token) and not seq.params.ignore_eos:
             out.text = seq.detok.flush()
             return self._finish(seq, out, FinishReason.STOP)
         out.text = seq.detok.add_token(token)
@@ -366,18 +333,6 @@ class Engine:
             out.text += seq.detok.flush()
             return self._finish(seq, out, FinishReason.LENGTH)
         return out
-
-    def _logprob(self, idx: int, token: int, num_top: int) -> TokenLogprob:
-        """Log-softmax of the raw logits, computed by numpy on llama.cpp's own buffer."""
-        logits = self.ctx.logits(idx)
-        peak = float(logits.max())
-        lse = peak + float(np.log(np.exp(logits - peak).sum()))
-        top: tuple[tuple[int, bytes, float], ...] = ()
-        if num_top > 0:
-            ids = np.argpartition(logits, -num_top)[-num_top:]
-            ids = ids[np.argsort(-logits[ids], kind="stable")]
-            top = tuple((int(t), self.model.piece(int(t)), float(logits[t]) - lse) for t in ids)
-        return TokenLogprob(token, self.model.piece(token), float(logits[token]) - lse, top)
 
     def _finish(self, seq: Sequence, out: SeqOutput, reason: FinishReason) -> SeqOutput:
         out.finish_reason = reason

@@ -13,10 +13,20 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from pensieve.engine.detokenizer import IncrementalDetokenizer
-from pensieve.engine.llama import Sampler
 from pensieve.engine.types import FinishReason, SamplingParams
+
+
+class TokenSampler(Protocol):
+    """One sequence's sampler, made and driven by the model runner (engine/runner.py)."""
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        """The next token from the runner's context `ctx` at batch index `idx` (accepted)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class SeqStatus(enum.IntEnum):
@@ -34,7 +44,7 @@ class Sequence:
     num_prompt: int
     max_tokens: int
     detok: IncrementalDetokenizer
-    sampler: Sampler
+    sampler: TokenSampler
     leader: Sequence | None = None  # n > 1: forks the leader's prompt KV instead of computing it
     use_cache: bool = True  # may reuse KV of earlier requests that share a prefix
     num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
