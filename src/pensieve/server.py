@@ -27,9 +27,11 @@ from pensieve.logs import setup_logging
 from pensieve.runtime import LifecycleConfig, ModelRuntime
 from pensieve.store.default_model import (
     DEFAULT_MODEL_NAME,
+    RECOMMENDED_DEFAULTS,
     DefaultModelUnavailable,
     ensure_default_model,
 )
+from pensieve.store.default_model import SHA256 as DEFAULT_MODEL_SHA256
 from pensieve.store.digest import file_digest
 from pensieve.store.durations import parse_keep_alive
 from pensieve.store.gguf import read_gguf
@@ -86,11 +88,11 @@ def serve(settings: Settings) -> int:
     store.prune()  # as Ollama does at startup: unused blobs and crashed uploads
     runtime = build_runtime(settings, store, level)
     digest = file_digest(path, settings.data_dir / "digests.json")
-    if settings.model is None:
-        _register_default_model(store, path, name)
+    defaults = _register_default_model(store, path, name) if settings.model is None else None
     config = settings.engine_config(str(path), digest)
     runtime.add(name, EngineClient(name, config, log_level=level,
-                                   limits=settings.client_limits()), digest=digest)
+                                   limits=settings.client_limits()), digest=digest,
+                defaults=defaults)
     safety = SafetyConfig(settings.access_config(), settings.limits_config())
     app = create_app(runtime, safety)
     _print_banner(settings, name)
@@ -123,15 +125,22 @@ def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> Mode
     return ModelRuntime(store, make_config, lifecycle)
 
 
-def _register_default_model(store: ModelStore, path: Path, name: str) -> None:
+def _register_default_model(store: ModelStore, path: Path, name: str) -> ModelDefaults:
     """List the embedded default model in the store too (hard-linked by digest where the
-    file system allows, else copied once)."""
-    if store.find(name) is not None:
-        return
+    file system allows, else copied once), with its recommended sampling; an entry made before
+    there were recommendations gets them. Returns the entry's defaults."""
+    manifest = store.find(name)
+    if manifest is not None and (manifest.digest != DEFAULT_MODEL_SHA256
+                                 or manifest.defaults != ModelDefaults()):
+        return manifest.defaults  # the user's own entry, or one already set up
     try:
-        store.import_file(path, name, link=True)
+        if manifest is None:
+            store.import_file(path, name, defaults=RECOMMENDED_DEFAULTS, link=True)
+        else:
+            store.write_manifest(dataclasses.replace(manifest, defaults=RECOMMENDED_DEFAULTS))
     except (OSError, PensieveError) as exc:
         log.warning("could not add the default model to the store: %s", exc)
+    return RECOMMENDED_DEFAULTS
 
 
 def _print_banner(settings: Settings, name: str) -> None:

@@ -5,25 +5,33 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pensieve.api.openai.protocol import _SamplingFields
+from pydantic import BaseModel
+
+from pensieve.sampling import DRY_FIELDS
 from pensieve.store.store import ModelDefaults
 
-RequestT = TypeVar("RequestT", bound=_SamplingFields)
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-_LENGTH_FIELDS = {"max_tokens", "max_completion_tokens"}
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+             "presence_penalty", "frequency_penalty", "seed", *DRY_FIELDS)
+_OPENAI_LENGTH = ("max_tokens", "max_completion_tokens")
 
 
-def with_model_defaults(body: RequestT, defaults: ModelDefaults) -> RequestT:
-    """The request with the model's defaults for every field the client did not send."""
-    sent = body.model_fields_set
-    updates: dict[str, object] = {
-        name: getattr(defaults, name) for name in _SAMPLING
-        if name not in sent and getattr(defaults, name) is not None}
-    if defaults.stop and "stop" not in sent:
-        updates["stop"] = list(defaults.stop)
-    if defaults.num_predict is not None and not sent & _LENGTH_FIELDS:
-        updates["max_tokens"] = defaults.num_predict
+def with_model_defaults(body: BodyT, defaults: ModelDefaults, *, stop_field: str = "stop",
+                        length_fields: tuple[str, ...] = _OPENAI_LENGTH) -> BodyT:
+    """The request (an OpenAI or Anthropic body, Ollama's `options`) with the model's defaults
+    for every field it has and the client did not send. `num_predict` fills the first of
+    `length_fields` unless the client sent any of them."""
+    sent, known = body.model_fields_set, type(body).model_fields
+    updates: dict[str, object] = {}
+    for name in _SAMPLING:
+        value = getattr(defaults, name)
+        if name in known and name not in sent and value is not None:
+            updates[name] = list(value) if isinstance(value, tuple) else value
+    if defaults.stop and stop_field in known and stop_field not in sent:
+        updates[stop_field] = list(defaults.stop)
+    if defaults.num_predict is not None and length_fields and not sent & set(length_fields):
+        updates[length_fields[0]] = defaults.num_predict
     return body.model_copy(update=updates) if updates else body
 
 

@@ -9,8 +9,12 @@ from pydantic import Field, model_validator
 
 from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
 from pensieve.api.base import StrictBody
+from pensieve.api.model_defaults import with_model_defaults
+from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
+from pensieve.sampling import BOUNDS
+from pensieve.store.store import ModelDefaults
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -110,12 +114,19 @@ class Metadata(StrictBody):
     user_id: str | None = Field(None, max_length=512)
 
 
-class MessagesRequest(_MessagesFields):
+class MessagesRequest(_MessagesFields, RepetitionFields):
+    """Anthropic's Messages request; beyond its spec, llama-server's sampling extensions
+    (min_p, repeat and presence/frequency penalties, repeat_last_n, dry_*)."""
+
     max_tokens: int = Field(ge=1, le=1 << 20)
     stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=1 << 20)
+    min_p: float | None = Field(None, **BOUNDS["min_p"].field_limits())
+    repeat_penalty: float | None = Field(None, **BOUNDS["repeat_penalty"].field_limits())
+    presence_penalty: float | None = Field(None, **BOUNDS["presence_penalty"].field_limits())
+    frequency_penalty: float | None = Field(None, **BOUNDS["frequency_penalty"].field_limits())
     stream: bool = False
     metadata: Metadata | None = None
     service_tier: str | None = None
@@ -128,14 +139,24 @@ class MessagesRequest(_MessagesFields):
             raise ValueError(f"stop sequences must hold 1 to {MAX_STOP_LENGTH} characters")
         return self
 
-    def to_text_request(self) -> TextRequest:
+    def to_text_request(self, defaults: ModelDefaults | None = None) -> TextRequest:
+        """The request for the engine; the model's `defaults` fill what the client left out."""
+        if defaults is not None:
+            filled = with_model_defaults(self, defaults, stop_field="stop_sequences",
+                                         length_fields=())
+            return filled.to_text_request()
         messages, prefill = self.chat_messages()
         params = SamplingParams(
             max_tokens=self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repeat_penalty=1.0 if self.repeat_penalty is None else self.repeat_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             stop=tuple(self.stop_sequences or ()),
+            **self.repetition_params(),
         )
         fmt = self.output_config.format if self.output_config else None
         response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None

@@ -41,7 +41,7 @@ async def messages(request: Request) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, MessagesRequest)
     body.warn_unknown_fields()
     served = _runtime(request).get(body.model)
-    gen = await start_text(served, body.to_text_request(), id_prefix="msg_")
+    gen = await start_text(served, body.to_text_request(served.defaults), id_prefix="msg_")
     if body.stream:
         return ReleasingStreamingResponse(_stream(gen), gen.aclose,
                                           media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -10,9 +10,12 @@ from pydantic import Field, field_validator, model_validator
 
 from pensieve.api.chat import ChatMessage, ResponseFormat
 from pensieve.api.base import StrictBody
+from pensieve.api.model_defaults import with_model_defaults
+from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.store.durations import parse_keep_alive
+from pensieve.store.store import ModelDefaults
 
 log = logging.getLogger("pensieve.api")
 
@@ -25,8 +28,9 @@ _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv
                  "num_keep", "penalize_newline", "tfs_z"}
 
 
-class Options(StrictBody):
-    """Ollama's `options`, the runtime ones mapped onto `SamplingParams`."""
+class Options(StrictBody, RepetitionFields):
+    """Ollama's `options`, the runtime ones mapped onto `SamplingParams` (with llama-server's
+    dry_* names for llama.cpp's DRY sampler)."""
 
     num_ctx: int | None = Field(None, ge=1, le=1 << 24)
     num_predict: int | None = Field(None, ge=-2, le=1 << 20)
@@ -38,7 +42,6 @@ class Options(StrictBody):
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
     stop: list[str] | None = None
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    repeat_last_n: int | None = Field(None, ge=-1, le=1 << 20)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     mirostat: int | None = Field(None, ge=0, le=2)
@@ -75,10 +78,10 @@ class Options(StrictBody):
             min_p=self.min_p or 0.0,
             seed=None if seed is None or seed < 0 else seed & 0xFFFFFFFF,
             repeat_penalty=1.0 if self.repeat_penalty is None else self.repeat_penalty,
-            penalty_last_n=_last_n(self.repeat_last_n, n_ctx),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=tuple(self.stop or ()),
+            **{**self.repetition_params(), "penalty_last_n": _last_n(self.repeat_last_n, n_ctx)},
         )
 
 
@@ -128,6 +131,11 @@ class _GenerateFields(StrictBody):
             except InvalidRequest as exc:
                 raise ValueError(exc.message) from None
         return value
+
+    def sampling_params(self, n_ctx: int, defaults: ModelDefaults) -> SamplingParams:
+        """The options, with the model's defaults for those the client did not send."""
+        options = with_model_defaults(self.options, defaults, length_fields=("num_predict",))
+        return options.to_sampling_params(n_ctx)
 
     def check_supported(self) -> None:
         if self.think not in (None, False):

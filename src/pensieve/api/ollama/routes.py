@@ -66,8 +66,8 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse:
     if not messages:  # Ollama's way to load a model: answer at once, done_reason "load"
         return JSONResponse({**_head(served), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
-    text_req = TextRequest(body.options.to_sampling_params(info.n_ctx_seq), messages=messages,
-                           response_format=body.response_format)
+    text_req = TextRequest(body.sampling_params(info.n_ctx_seq, served.defaults),
+                           messages=messages, response_format=body.response_format)
     gen = await start_text(served, text_req, id_prefix="ollama-chat-")
     if body.stream:
         return ReleasingStreamingResponse(_stream(gen, "chat"), gen.aclose, media_type=_NDJSON)
@@ -87,7 +87,7 @@ async def generate(request: Request) -> JSONResponse | StreamingResponse:
         return JSONResponse({**_head(served), "response": "", "done": True,
                              "done_reason": "load"})
     tokens = await _generate_tokens(served, info, body)
-    text_req = TextRequest(body.options.to_sampling_params(info.n_ctx_seq),
+    text_req = TextRequest(body.sampling_params(info.n_ctx_seq, served.defaults),
                            prompt_tokens=tuple(tokens), response_format=body.response_format)
     gen = await start_text(served, text_req, id_prefix="ollama-gen-")
     if body.stream:

@@ -7,8 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
+from pensieve.sampling import BOUNDS
 from pensieve.structured import JSON_OBJECT_GRAMMAR, check_gbnf, grammar_for_json_schema
 
 log = logging.getLogger("pensieve.api")
@@ -102,20 +104,21 @@ class ResponseFormat(_Strict):
         return grammar_for_json_schema(schema, bool(spec and spec.strict))
 
 
-class _SamplingFields(_Strict):
-    """Sampling fields shared by chat and legacy completions."""
+class _SamplingFields(_Strict, RepetitionFields):
+    """Sampling fields shared by chat and legacy completions (with llama-server's extensions:
+    min_p, top_k, repeat_penalty, repeat_last_n, dry_*)."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=1 << 20)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    temperature: float | None = Field(None, **BOUNDS["temperature"].field_limits())
+    top_p: float | None = Field(None, **BOUNDS["top_p"].field_limits())
+    top_k: int | None = Field(None, **BOUNDS["top_k"].field_limits())
+    min_p: float | None = Field(None, **BOUNDS["min_p"].field_limits())
+    seed: int | None = Field(None, **BOUNDS["seed"].field_limits())
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, **BOUNDS["presence_penalty"].field_limits())
+    frequency_penalty: float | None = Field(None, **BOUNDS["frequency_penalty"].field_limits())
+    repeat_penalty: float | None = Field(None, **BOUNDS["repeat_penalty"].field_limits())
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=64)
     user: str | None = None
@@ -182,6 +185,7 @@ class _SamplingFields(_Strict):
             top_logprobs=top_logprobs,
             n=self.n,
             grammar=grammar,
+            **self.repetition_params(),
         )
 
 
@@ -244,6 +248,7 @@ class ChatCompletionRequest(_SamplingFields):
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
             grammar=grammar,
+            **self.repetition_params(),
         )
 
 
