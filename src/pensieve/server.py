@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pensieve import __version__
-from pensieve.api.middleware.access import is_loopback
 from pensieve.api.app import create_app
+from pensieve.api.middleware.access import is_loopback
 from pensieve.api.middleware.limits import guarded_h11_protocol
 from pensieve.api.middleware.safety import SafetyConfig
 from pensieve.config import Settings, memory_budget_bytes, store_dir

@@ -21,8 +21,8 @@ from pensieve.runtime import ModelRuntime
 from pensieve.sampling import BOUNDS, DEFAULT_DRY_SEQUENCE_BREAKERS
 from pensieve.store import describe
 from pensieve.store.gguf import GgufInfo
-from pensieve.store.store import Manifest, ModelDefaults
 from pensieve.store.names import parse_name
+from pensieve.store.store import Manifest, ModelDefaults
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
 from pensieve.api.base import StrictBody
+from pensieve.api.chat import ChatMessage, ResponseFormat, TextRequest
 from pensieve.api.model_defaults import with_model_defaults
 from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pensieve.api.chat import ChatMessage, ResponseFormat
 from pensieve.api.base import StrictBody
+from pensieve.api.chat import ChatMessage, ResponseFormat
 from pensieve.api.model_defaults import with_model_defaults
 from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams

@@ -248,7 +248,6 @@ class ChatCompletionRequest(_SamplingFields):
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs or 0,
             grammar=grammar,
-            **self.repetition_params(),
         )
 
 
