@@ -61,12 +61,19 @@ extract_sources() {
   tar -xzf "${sdist}" -C "${BUILD_ROOT}"
 }
 
+# The same ISA as Pensieve's own build (Makefile LLAMA_CFLAGS): on x86-64 no AMX, which some
+# virtual machines advertise but fault on (SIGILL in the first matrix multiply).
+NO_AMX_FLAGS=""
+[[ "$(uname -m)" == "x86_64" ]] && NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_CFLAGS="${LLAMA_CFLAGS-${NO_AMX_FLAGS}}"
+
 configure() {
   local generator=()
   command -v ninja >/dev/null && generator=(-G Ninja)
   log "configuring ${SRC_DIR}"
   cmake -S "${SRC_DIR}" -B "${CMAKE_DIR}" "${generator[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="${LLAMA_CFLAGS}" -DCMAKE_CXX_FLAGS="${LLAMA_CFLAGS}" \
     -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \

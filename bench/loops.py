@@ -78,6 +78,7 @@ PROMPTS = (
 )
 SEEDS = (1, 2)
 MAX_TOKENS = 512
+LLAMA_SERVER = BENCH_DIR / ".build" / "cmake" / "bin" / "llama-server"
 
 # What the browser page sends with its default settings (web/app.js buildBody; its max tokens
 # are capped to the bench's here). Keep in step with web/index.html's defaults.
@@ -158,29 +159,36 @@ def ask(client: httpx.Client, body: dict[str, Any]) -> tuple[str, str, int]:
     return "".join(text), finish, num_tokens
 
 
-def run_setup(base_url: str, model: str, setup: Setup, concurrency: int) -> list[Reply]:
-    jobs = [(p, s) for p in range(len(PROMPTS)) for s in SEEDS]
+def run_setup(base_url: str, model: str, setup: Setup, args: argparse.Namespace,
+              ) -> list[Reply]:
+    jobs = [(p, s) for p in range(args.num_prompts) for s in SEEDS]
 
     def one(job: tuple[int, int]) -> Reply:
         prompt, seed = job
         body = chat_body(setup, model, PROMPTS[prompt], seed)
-        text, finish, num_tokens = ask(client, body)
+        try:
+            text, finish, num_tokens = ask(client, body)
+        except httpx.HTTPError as exc:
+            print(f"{setup.name}: prompt {prompt} seed {seed} failed: {exc}", file=sys.stderr)
+            return Reply(prompt, seed, "", "error", 0)
         return Reply(prompt, seed, text, finish, num_tokens)
 
     with httpx.Client(base_url=base_url, timeout=600, trust_env=False) as client, \
-            ThreadPoolExecutor(concurrency) as pool:
+            ThreadPoolExecutor(args.concurrency) as pool:
         return list(pool.map(one, jobs))
 
 
 def summarise(setup: Setup, replies: list[Reply], seconds: float, args: argparse.Namespace,
               ) -> dict[str, Any]:
+    failed = [r for r in replies if r.finish_reason == "error"]
+    replies = [r for r in replies if r.finish_reason != "error"]
     looped = [r for r in replies if ends_in_loop(r.text, max_unit=args.max_unit,
                                                   min_span=args.min_span)]
     return {"setup": setup.name, "server": setup.server, "fields": setup.fields,
-            "num_replies": len(replies), "num_loops": len(looped),
-            "loop_rate": len(looped) / len(replies),
+            "num_replies": len(replies), "num_failed": len(failed), "num_loops": len(looped),
+            "loop_rate": len(looped) / max(1, len(replies)),
             "num_cut": sum(r.finish_reason == "length" for r in replies),
-            "mean_tokens": sum(r.num_tokens for r in replies) / len(replies),
+            "mean_tokens": sum(r.num_tokens for r in replies) / max(1, len(replies)),
             "seconds": seconds,
             "looped": [{"prompt": r.prompt, "seed": r.seed, "tail": r.text[-80:]}
                        for r in looped],
@@ -203,26 +211,35 @@ def serve_pensieve(model_file: Path, state: Path, port: int, concurrency: int) -
     return ServerProcess(argv, BENCH_DIR / ".logs" / "loops-pensieve.log", port, "/health")
 
 
-def serve_llama(model_file: Path, port: int, concurrency: int) -> ServerProcess:
-    argv = [str(BENCH_DIR / ".build" / "cmake" / "bin" / "llama-server"), "-m", str(model_file),
+def serve_llama(model_file: Path, port: int, concurrency: int, extra: list[str],
+                ) -> ServerProcess:
+    argv = [str(LLAMA_SERVER), "-m", str(model_file),
             "-t", "2", "-tb", "2", "-np", str(concurrency), "-c", str(2048 * concurrency),
-            "--host", HOST, "--port", str(port)]
+            "--host", HOST, "--port", str(port), *extra]
     return ServerProcess(argv, BENCH_DIR / ".logs" / "loops-llama-server.log", port, "/health")
 
 
 def run_server(make: Callable[[int], ServerProcess], model: str, setups: list[Setup],
-               args: argparse.Namespace) -> list[dict[str, Any]]:
-    results = []
+               args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     with make(free_port()) as server:
-        server.wait_ready(300)
+        server.wait_ready(600)
         for setup in setups:
             started = time.monotonic()
-            replies = run_setup(server.base_url, model, setup, args.concurrency)
+            replies = run_setup(server.base_url, model, setup, args)
             results.append(summarise(setup, replies, time.monotonic() - started, args))
+            save(results, args)
             row = results[-1]
             print(f"{setup.name}: {row['num_loops']}/{row['num_replies']} loops, "
-                  f"{row['num_cut']} cut, {row['seconds']:.0f} s", file=sys.stderr)
-    return results
+                  f"{row['num_cut']} cut, {row['num_failed']} failed, {row['seconds']:.0f} s",
+                  file=sys.stderr)
+
+
+def save(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps({
+        "concurrency": args.concurrency, "max_unit": args.max_unit, "min_span": args.min_span,
+        "max_tokens": MAX_TOKENS, "seeds": SEEDS, "num_prompts": args.num_prompts,
+        "results": results}, indent=1))
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -240,13 +257,20 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
+    ap.add_argument("--num-prompts", type=int, default=len(PROMPTS),
+                    help="the first N prompts only (a quick look)")
     ap.add_argument("--max-unit", type=int, default=20)
     ap.add_argument("--min-span", type=int, default=60)
     ap.add_argument("--candidates", default="",
                     help="JSON {name: {field: value}} of extra Pensieve setups to try, or "
                          "'before' for Pensieve's defaults before this bench")
     ap.add_argument("--only-candidates", action="store_true",
-                    help="skip the default setups and llama-server")
+                    help="only the --candidates setups on Pensieve")
+    ap.add_argument("--servers", default="llama-server,pensieve",
+                    help="which servers, in this order")
+    ap.add_argument("--llama-args", default="",
+                    help="more llama-server flags (e.g. --no-repack where the CPU advertises "
+                         "AMX that the machine cannot run)")
     ap.add_argument("--json-out", type=Path, default=BENCH_DIR / ".logs" / "loops-latest.json")
     ap.add_argument("--markdown", action="store_true")
     return ap.parse_args()
@@ -258,29 +282,27 @@ def main() -> int:
     model = "smollm2-135m-instruct"
     candidates = (CANDIDATES if args.candidates == "before"
                   else json.loads(args.candidates) if args.candidates else {})
-    setups = [] if args.only_candidates else [
-        Setup("pensieve server", "pensieve"), Setup("pensieve web", "pensieve", WEB_PAGE_FIELDS)]
-    setups += [Setup(f"pensieve {name}", "pensieve", fields)
-               for name, fields in candidates.items()]
-    results = []
-    llama = BENCH_DIR / ".build" / "cmake" / "bin" / "llama-server"
+    setups = [Setup(f"pensieve {name}", "pensieve", fields)
+              for name, fields in candidates.items()]
     if not args.only_candidates:
-        if llama.is_file():
-            results += run_server(lambda port: serve_llama(model_file, port, args.concurrency),
-                                  model, [Setup("llama-server", "llama-server")], args)
+        setups = [Setup("pensieve server", "pensieve"), *setups,
+                  Setup("pensieve web", "pensieve", WEB_PAGE_FIELDS)]
+    results: list[dict[str, Any]] = []
+    for server in args.servers.split(","):
+        if server == "pensieve":
+            with tempfile.TemporaryDirectory(prefix="bench-loops-") as state:
+                run_server(lambda port, s=Path(state): serve_pensieve(
+                    model_file, s / "data", port, args.concurrency), model, setups, args,
+                    results)
+        elif server == "llama-server" and LLAMA_SERVER.is_file():
+            run_server(lambda port: serve_llama(model_file, port, args.concurrency,
+                                                args.llama_args.split()),
+                       model, [Setup("llama-server", "llama-server")], args, results)
         else:
-            print("llama-server is not built (bash bench/build_llama_server.sh); skipped",
-                  file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="bench-loops-") as state:
-        results += run_server(
-            lambda port: serve_pensieve(model_file, Path(state) / "data", port,
-                                        args.concurrency), model, setups, args)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({"concurrency": args.concurrency,
-                                         "max_unit": args.max_unit, "min_span": args.min_span,
-                                         "results": results}, indent=1))
+            print(f"{server}: not built or unknown (bash bench/build_llama_server.sh); "
+                  "skipped", file=sys.stderr)
     print(markdown(results) if args.markdown else json.dumps(
-        [{k: v for k, v in r.items() if k not in ("replies",)} for r in results], indent=1))
+        [{k: v for k, v in r.items() if k != "replies"} for r in results], indent=1))
     return 0
 
 

@@ -33,7 +33,7 @@ def embedded(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def _post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    r = httpx.post(f"{server.base_url}{path}", json=body, timeout=120)
+    r = httpx.post(f"{server.base_url}{path}", json=body, timeout=600)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -69,12 +69,16 @@ def _completion(server: Server, **fields: Any) -> str:
     return _post(server, "/v1/completions", body)["choices"][0]["text"]
 
 
+def _distinct_items(text: str) -> int:
+    return len({item.strip() for item in text.split(",") if item.strip()})
+
+
 def test_dry_breaks_a_greedy_loop_on_openai(server: Server) -> None:
     plain = _completion(server)
-    assert plain.count("red, blue") >= 4  # the model alone keeps repeating
+    assert _distinct_items(plain) <= 3, plain  # the model alone repeats itself
     dry = _completion(server, **DRY)
     assert dry != plain
-    assert dry.count("red, blue") < plain.count("red, blue")
+    assert _distinct_items(dry) > _distinct_items(plain), dry
 
 
 def test_dry_is_accepted_and_used_on_ollama_and_anthropic(server: Server) -> None:
