@@ -85,12 +85,17 @@ LLAMA_SERVER = BENCH_DIR / ".build" / "cmake" / "bin" / "llama-server"
 WEB_PAGE_FIELDS: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
 
 CANDIDATES: dict[str, dict[str, Any]] = {
+    # llama-server's default sampling (common/common.h: temp 0.8, top_k 40, top_p 0.95, min_p
+    # 0.05, no penalties, DRY off; the same stages in the same order as Pensieve's chain), for
+    # when the llama-server binary is not at hand: same distribution, another random stream.
+    "llama-server-sampling": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                              "dry_multiplier": 0.0},
     # Pensieve's defaults before this bench: the OpenAI route's 1.0 with nothing else, and the
     # page's temperature 0.7.
-    "before-server": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-                      "dry_multiplier": 0.0},
     "before-web": {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
                    "dry_multiplier": 0.0},
+    "before-server": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                      "dry_multiplier": 0.0},
 }
 
 
@@ -173,7 +178,7 @@ def run_setup(base_url: str, model: str, setup: Setup, args: argparse.Namespace,
             return Reply(prompt, seed, "", "error", 0)
         return Reply(prompt, seed, text, finish, num_tokens)
 
-    with httpx.Client(base_url=base_url, timeout=600, trust_env=False) as client, \
+    with httpx.Client(base_url=base_url, timeout=3600, trust_env=False) as client, \
             ThreadPoolExecutor(args.concurrency) as pool:
         return list(pool.map(one, jobs))
 
@@ -196,7 +201,8 @@ def summarise(setup: Setup, replies: list[Reply], seconds: float, args: argparse
                          "tokens": r.num_tokens, "text": r.text} for r in replies]}
 
 
-def serve_pensieve(model_file: Path, state: Path, port: int, concurrency: int) -> ServerProcess:
+def serve_pensieve(model_file: Path, state: Path, port: int, args: argparse.Namespace,
+                   ) -> ServerProcess:
     """Pensieve on its embedded default model (so the store entry's defaults apply), from a
     fresh data dir holding a link to the model file."""
     (state / "default").mkdir(parents=True)
@@ -206,15 +212,16 @@ def serve_pensieve(model_file: Path, state: Path, port: int, concurrency: int) -
     except OSError:
         link.write_bytes(model_file.read_bytes())
     argv = [sys.executable, "-m", "pensieve.cli", "serve", "--host", HOST, "--port", str(port),
-            "--data-dir", str(state), "--threads", "2", "--parallel", str(concurrency),
-            "--ctx-size", str(2048 * concurrency)]
+            "--data-dir", str(state), "--threads", str(args.threads),
+            "--parallel", str(args.concurrency), "--ctx-size", str(2048 * args.concurrency),
+            "--request-timeout", "3600"]
     return ServerProcess(argv, BENCH_DIR / ".logs" / "loops-pensieve.log", port, "/health")
 
 
-def serve_llama(model_file: Path, port: int, concurrency: int, extra: list[str],
-                ) -> ServerProcess:
+def serve_llama(model_file: Path, port: int, args: argparse.Namespace) -> ServerProcess:
+    threads, concurrency, extra = str(args.threads), args.concurrency, args.llama_args.split()
     argv = [str(LLAMA_SERVER), "-m", str(model_file),
-            "-t", "2", "-tb", "2", "-np", str(concurrency), "-c", str(2048 * concurrency),
+            "-t", threads, "-tb", threads, "-np", str(concurrency), "-c", str(2048 * concurrency),
             "--host", HOST, "--port", str(port), *extra]
     return ServerProcess(argv, BENCH_DIR / ".logs" / "loops-llama-server.log", port, "/health")
 
@@ -257,6 +264,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per server")
     ap.add_argument("--num-prompts", type=int, default=len(PROMPTS),
                     help="the first N prompts only (a quick look)")
     ap.add_argument("--max-unit", type=int, default=20)
@@ -292,12 +300,10 @@ def main() -> int:
         if server == "pensieve":
             with tempfile.TemporaryDirectory(prefix="bench-loops-") as state:
                 run_server(lambda port, s=Path(state): serve_pensieve(
-                    model_file, s / "data", port, args.concurrency), model, setups, args,
-                    results)
+                    model_file, s / "data", port, args), model, setups, args, results)
         elif server == "llama-server" and LLAMA_SERVER.is_file():
-            run_server(lambda port: serve_llama(model_file, port, args.concurrency,
-                                                args.llama_args.split()),
-                       model, [Setup("llama-server", "llama-server")], args, results)
+            run_server(lambda port: serve_llama(model_file, port, args), model,
+                       [Setup("llama-server", "llama-server")], args, results)
         else:
             print(f"{server}: not built or unknown (bash bench/build_llama_server.sh); "
                   "skipped", file=sys.stderr)

@@ -43,7 +43,7 @@ class SamplingParams:
     dry_multiplier: float = 0.0
     dry_base: float = 1.75
     dry_allowed_length: int = 2
-    dry_penalty_last_n: int | None = None  # tokens looked back at; None: the whole context
+    dry_penalty_last_n: int | None = 64  # tokens looked back at; None: the whole context
     dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")
 
     @property
