@@ -104,6 +104,8 @@ class Setup:
     name: str
     server: str  # "pensieve" or "llama-server"
     fields: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = SEEDS
+    num_prompts: int | None = None  # the first N prompts; None: --num-prompts
 
 
 @dataclass(slots=True)
@@ -166,7 +168,7 @@ def ask(client: httpx.Client, body: dict[str, Any]) -> tuple[str, str, int]:
 
 def run_setup(base_url: str, model: str, setup: Setup, args: argparse.Namespace,
               ) -> list[Reply]:
-    jobs = [(p, s) for p in range(args.num_prompts) for s in SEEDS]
+    jobs = [(p, s) for p in range(setup.num_prompts or args.num_prompts) for s in setup.seeds]
 
     def one(job: tuple[int, int]) -> Reply:
         prompt, seed = job
@@ -250,8 +252,8 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| setup | request fields beyond messages, max_tokens, seed | loops | loop rate "
-             "| cut at 512 | mean tokens |", "|---|---|---|---|---|---|"]
+    lines = ["| setup | request fields beyond messages, max_tokens 512, seed | loops | loop rate "
+             "| cut at max_tokens | mean tokens |", "|---|---|---|---|---|---|"]
     for row in results:
         fields = json.dumps({k: v for k, v in row["fields"].items()
                              if k not in ("stream", "stream_options")}) or "{}"
@@ -274,6 +276,9 @@ def parse_args() -> argparse.Namespace:
                          "'before' for Pensieve's defaults before this bench")
     ap.add_argument("--only-candidates", action="store_true",
                     help="only the --candidates setups on Pensieve")
+    ap.add_argument("--first-question", type=int, default=0, metavar="N",
+                    help="also ask the web page's first question with N seeds, as the page "
+                         "sends it")
     ap.add_argument("--servers", default="llama-server,pensieve",
                     help="which servers, in this order")
     ap.add_argument("--llama-args", default="",
@@ -295,6 +300,11 @@ def main() -> int:
     if not args.only_candidates:
         setups = [Setup("pensieve server", "pensieve"), *setups,
                   Setup("pensieve web", "pensieve", WEB_PAGE_FIELDS)]
+    if args.first_question:
+        # The page's first question exactly as the page sends it (its 2,048-token limit).
+        setups.append(Setup("pensieve web, first question", "pensieve",
+                            {**WEB_PAGE_FIELDS, "max_tokens": 2048},
+                            seeds=tuple(range(1, args.first_question + 1)), num_prompts=1))
     results: list[dict[str, Any]] = []
     for server in args.servers.split(","):
         if server == "pensieve":
