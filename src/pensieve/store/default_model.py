@@ -25,8 +25,8 @@ FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SIZE = 98_362_432
 
-# Its store entry's sampling, chosen by measurement (bench/loops.py, bench/README.md): a 135M
-# model loops ("A, A, A, ...") under generic defaults; these keep answers on track.
+# Its store entry's sampling: the model card's temperature and top_p, and llama.cpp's DRY sampler
+# against loops ("A, A, A, ..."); measured with bench/loops.py (bench/README.md).
 RECOMMENDED_DEFAULTS = ModelDefaults(temperature=0.2, top_p=0.9, dry_multiplier=0.8)
 
 
