@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pensieve.sampling import DEFAULT_DRY_SEQUENCE_BREAKERS
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-generation token or a stop string
@@ -44,7 +46,7 @@ class SamplingParams:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     dry_penalty_last_n: int | None = 64  # tokens looked back at; None: the whole context
-    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", "\"", "*")
+    dry_sequence_breakers: tuple[str, ...] = DEFAULT_DRY_SEQUENCE_BREAKERS
 
     @property
     def is_greedy(self) -> bool:
