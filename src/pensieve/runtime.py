@@ -37,6 +37,16 @@ _WAIT_FOR_ROOM_S = 120.0
 ConfigFactory = Callable[[str, str, ModelDefaults], EngineConfig]
 
 
+def file_model_defaults(path: str) -> ModelDefaults:
+    """The sampling defaults a GGUF file brings (none when it cannot be read: loading it
+    reports that properly)."""
+    try:
+        return ModelDefaults.from_gguf(read_gguf(path))
+    except (PensieveError, OSError) as exc:
+        log.debug("no sampling defaults from %s: %s", path, exc)
+        return ModelDefaults()
+
+
 class ServiceBusy(PensieveError):
     status_code = 503
     error_type = "server_error"
@@ -53,7 +63,8 @@ class ServedModel:
     num_device_bytes: int = 0  # the part of weights and KV offloaded to GPUs
     keep_alive: float | None = None  # seconds idle before unloading; None: never
     default_keep_alive: float | None = None  # for requests that do not say
-    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)  # store entry's over file's
+    file_defaults: ModelDefaults = field(default_factory=ModelDefaults)  # the GGUF's own
     is_loading: bool = False
 
     @property
@@ -114,10 +125,15 @@ class ModelRuntime:
 
     # --- names -------------------------------------------------------------------------------
     def add(self, name: str, client: EngineClient, *, digest: str | None = None,
-            keep_alive: float | None = None) -> ServedModel:
-        """Serve `client` under `name` (a pinned alias, e.g. `serve --model PATH`)."""
+            keep_alive: float | None = None,
+            defaults: ModelDefaults | None = None) -> ServedModel:
+        """Serve `client` under `name` (a pinned alias, e.g. `serve --model PATH`), with
+        `defaults` over those its GGUF file brings."""
+        file_defaults = file_model_defaults(client.config.model_path)
         served = ServedModel(name, client, digest=digest, keep_alive=keep_alive,
-                             default_keep_alive=keep_alive)
+                             default_keep_alive=keep_alive,
+                             defaults=(defaults or ModelDefaults()).over(file_defaults),
+                             file_defaults=file_defaults)
         self._estimate(served)
         self._attach(served)
         self._models[name] = served
@@ -177,10 +193,12 @@ class ModelRuntime:
         client = EngineClient(name, config, log_level=self.lifecycle.log_level,
                               limits=self.lifecycle.client_limits)
         client.observer = self.observer
+        file_defaults = file_model_defaults(str(path))
         served = ServedModel(name, client, created=int(manifest.created),
                              digest=manifest.digest, keep_alive=self.lifecycle.keep_alive,
                              default_keep_alive=self.lifecycle.keep_alive,
-                             defaults=manifest.defaults)
+                             defaults=manifest.defaults.over(file_defaults),
+                             file_defaults=file_defaults)
         served.num_weight_bytes = manifest.size
         self._attach(served)
         self._models[name] = served
@@ -192,7 +210,7 @@ class ModelRuntime:
         assert self.store is not None
         manifest = self.store.find(served.name)
         if manifest is not None and manifest.digest == served.digest \
-                and manifest.defaults == served.defaults:
+                and manifest.defaults.over(served.file_defaults) == served.defaults:
             return served
         self.forget(served.name)
         return None

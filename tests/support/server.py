@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,11 @@ from pathlib import Path
 import httpx
 
 from pensieve.config import default_data_dir
-from pensieve.store.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from pensieve.store.default_model import (
+    DEFAULT_MODEL_NAME,
+    default_model_path,
+    ensure_default_model,
+)
 
 MODEL = DEFAULT_MODEL_NAME
 
@@ -41,14 +46,20 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def start_server(tmp_dir: Path, *extra: str, data_dir: Path | None = None) -> Server:
-    """Serve the default model with its own data dir (memory tiers included) under tmp_dir."""
+def start_server(tmp_dir: Path, *extra: str, data_dir: Path | None = None,
+                 embedded: bool = False) -> Server:
+    """Serve the default model with its own data dir (memory tiers included) under tmp_dir:
+    as `--model PATH`, or, when `embedded`, as `pensieve serve` with no model does (its file
+    linked into the data dir, its store entry and recommended defaults made at start)."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     model = ensure_default_model(default_data_dir())
-    cmd = [sys.executable, "-m", "pensieve.cli", "serve", "--port", str(port),
-           "--model", str(model), "--model-alias", MODEL,
-           "--data-dir", str(data_dir or tmp_dir / "data"), *extra]
+    data_dir = data_dir or tmp_dir / "data"
+    if embedded:
+        _link_default_model(model, data_dir)
+    chosen = [] if embedded else ["--model", str(model), "--model-alias", MODEL]
+    cmd = [sys.executable, "-m", "pensieve.cli", "serve", "--port", str(port), *chosen,
+           "--data-dir", str(data_dir), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -65,6 +76,17 @@ def start_server(tmp_dir: Path, *extra: str, data_dir: Path | None = None) -> Se
         time.sleep(0.2)
     stop_server(server)
     raise RuntimeError(f"server did not become ready:\n{server.log_tail()}")
+
+
+def _link_default_model(model: Path, data_dir: Path) -> None:
+    target = default_model_path(data_dir)
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(model, target)
+    except OSError:
+        shutil.copyfile(model, target)
 
 
 def stop_server(server: Server) -> None:

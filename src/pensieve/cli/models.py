@@ -177,9 +177,10 @@ def _show(store: ModelStore, args: argparse.Namespace, console: Console) -> int:
         table.add_row(key.replace("_", " "), str(value))
     console.print(f"[bold]{manifest.name}[/bold]  sha256:{manifest.digest}")
     console.print(table)
-    if manifest.defaults.to_dict():
+    defaults = describe.model_defaults(manifest, info)
+    if defaults.to_dict():
         console.print("[bold]defaults[/bold]")
-        console.print_json(json.dumps(manifest.defaults.to_dict()))
+        console.print_json(json.dumps(defaults.to_dict()))
     template = manifest.defaults.template or info.chat_template
     console.print("[bold]template[/bold]", "(override)" if manifest.defaults.template else "")
     console.print(template or "(none: ChatML is used)", highlight=False, markup=False)

@@ -34,9 +34,11 @@ from pensieve.logs import setup_logging
 from pensieve.runtime import LifecycleConfig, ModelRuntime
 from pensieve.store.default_model import (
     DEFAULT_MODEL_NAME,
+    RECOMMENDED_DEFAULTS,
     DefaultModelUnavailable,
     ensure_default_model,
 )
+from pensieve.store.default_model import SHA256 as DEFAULT_MODEL_SHA256
 from pensieve.store.digest import file_digest
 from pensieve.store.durations import parse_keep_alive
 from pensieve.store.gguf import read_gguf
@@ -123,9 +125,8 @@ def serve(settings: Settings, worker: WorkerProcess | None = None) -> int:
     store = ModelStore(store_dir(settings))
     store.prune()  # as Ollama does at startup: unused blobs and crashed uploads
     runtime = build_runtime(settings, store, level)
-    if settings.model is None:
-        _register_default_model(store, path, name)
-    runtime.add(name, client, digest=digest)
+    defaults = _register_default_model(store, path, name) if settings.model is None else None
+    runtime.add(name, client, digest=digest, defaults=defaults)
     return _run_http(settings, runtime, name, hardware)
 
 
@@ -168,15 +169,22 @@ def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> Mode
     return ModelRuntime(store, make_config, lifecycle, settings.pull_policy())
 
 
-def _register_default_model(store: ModelStore, path: Path, name: str) -> None:
+def _register_default_model(store: ModelStore, path: Path, name: str) -> ModelDefaults:
     """List the embedded default model in the store too (hard-linked by digest where the
-    file system allows, else copied once)."""
-    if store.find(name) is not None:
-        return
+    file system allows, else copied once), with its recommended sampling; an entry made before
+    there were recommendations gets them. Returns the entry's defaults."""
+    manifest = store.find(name)
+    if manifest is not None and (manifest.digest != DEFAULT_MODEL_SHA256
+                                 or manifest.defaults != ModelDefaults()):
+        return manifest.defaults  # the user's own entry, or one already set up
     try:
-        store.import_file(path, name, link=True)
+        if manifest is None:
+            store.import_file(path, name, defaults=RECOMMENDED_DEFAULTS, link=True)
+        else:
+            store.write_manifest(dataclasses.replace(manifest, defaults=RECOMMENDED_DEFAULTS))
     except (OSError, PensieveError) as exc:
         log.warning("could not add the default model to the store: %s", exc)
+    return RECOMMENDED_DEFAULTS
 
 
 def _print_banner(settings: Settings, name: str, hardware: str | None = None) -> None:

@@ -396,6 +396,7 @@ class GrammarError(LlamaError):
     """llama.cpp could not parse a GBNF grammar."""
 
 
+_FALLBACK_LOOK_BACK = 4096  # the whole context, for a model that states no training context
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -501,10 +502,13 @@ def _sampler_stages(model: Model, p: SamplingParams, seed: int) -> list[object]:
     if p.has_penalties:
         stages.append(
             C.llama_sampler_init_penalties(
-                model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty,
+                model.n_vocab, _look_back(model, p.penalty_last_n), p.repeat_penalty,
+                p.frequency_penalty,
                 p.presence_penalty,
             )
         )
+    if p.has_dry:
+        stages.append(_dry_stage(model, p))
     if p.is_greedy:
         stages.append(C.llama_sampler_init_greedy())
         return stages
@@ -517,3 +521,17 @@ def _sampler_stages(model: Model, p: SamplingParams, seed: int) -> list[object]:
     stages.append(C.llama_sampler_init_temp(p.temperature))
     stages.append(C.llama_sampler_init_dist(seed))
     return stages
+
+
+def _dry_stage(model: Model, p: SamplingParams) -> object:
+    # llama.cpp copies the breakers while it builds the stage, so the array may go after.
+    breakers = [b.encode() for b in p.dry_sequence_breakers]
+    array = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
+    return C.llama_sampler_init_dry(model.vocab, p.dry_multiplier, p.dry_base,
+                                    p.dry_allowed_length, _look_back(model, p.dry_penalty_last_n),
+                                    array, len(breakers))
+
+
+def _look_back(model: Model, last_n: int | None) -> int:
+    """A penalty's window in tokens; None is the whole context, as llama-server's -1."""
+    return last_n if last_n is not None else model.n_ctx_train() or _FALLBACK_LOOK_BACK

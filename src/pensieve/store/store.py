@@ -19,25 +19,23 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pensieve.errors import InvalidRequest, ModelNotFound
-from pensieve.store.gguf import read_gguf
+from pensieve.sampling import BOUNDS, check_sequence_breakers
+from pensieve.store.gguf import GgufInfo, read_gguf
 from pensieve.store.names import ModelName, parse_digest, parse_name
 
 log = logging.getLogger("pensieve.store")
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 
-_DEFAULT_KEYS = ("num_ctx", "system", "template", "temperature", "top_p", "top_k", "min_p",
-                 "repeat_penalty", "seed", "stop", "num_predict")
-
-
 @dataclass(frozen=True, slots=True)
 class ModelDefaults:
-    """Per-model defaults, in the spirit of an Ollama Modelfile's PARAMETER/SYSTEM/TEMPLATE."""
+    """Per-model defaults, in the spirit of an Ollama Modelfile's PARAMETER/SYSTEM/TEMPLATE.
+    Sampling names are Ollama's (`repeat_last_n`) and llama-server's (`dry_*`)."""
 
     num_ctx: int | None = None
     system: str | None = None
@@ -50,56 +48,83 @@ class ModelDefaults:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     num_predict: int | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: tuple[str, ...] | None = None
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelDefaults:
-        unknown = set(data) - set(_DEFAULT_KEYS)
+        unknown = set(data) - set(cls.keys())
         if unknown:
             raise InvalidRequest(f"Unknown model defaults: {', '.join(sorted(unknown))}; "
-                                 f"known: {', '.join(_DEFAULT_KEYS)}.")
+                                 f"known: {', '.join(cls.keys())}.")
         values: dict[str, Any] = dict(data)  # unchecked until check() below
-        if "stop" in values:
-            stop = values["stop"]
-            if not isinstance(stop, str | list | tuple):
-                raise InvalidRequest("Model default stop must be a string or a list of them.")
-            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        for key in ("stop", "dry_sequence_breakers"):
+            if key in values and values[key] is not None:
+                items = values[key]
+                if not isinstance(items, str | list | tuple):
+                    raise InvalidRequest(f"Model default {key} must be a string or a list of "
+                                         "them.")
+                values[key] = (items,) if isinstance(items, str) else tuple(items)
         defaults = cls(**values)
         defaults.check()
         return defaults
 
+    @classmethod
+    def from_gguf(cls, info: GgufInfo) -> ModelDefaults:
+        """The defaults a GGUF file brings (its `general.sampling.*` keys). A value out of
+        range is left out with a warning: a file's suggestion never stops it being served."""
+        values: dict[str, object] = {}
+        for key, value in info.sampling.items():
+            if isinstance(value, float) and BOUNDS[key].integer and value.is_integer():
+                value = int(value)
+            if not BOUNDS[key].contains(value):
+                log.warning("ignoring %s's sampling default %s=%r: not %s", info.path, key,
+                            value, BOUNDS[key].describe())
+                continue
+            values[key] = value
+        return cls.from_dict(values)
+
     def check(self) -> None:
-        ints = {"num_ctx": self.num_ctx, "top_k": self.top_k, "seed": self.seed,
-                "num_predict": self.num_predict}
-        for key, value in ints.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise InvalidRequest(f"Model default {key} must be an integer, not {value!r}.")
-        if self.num_ctx is not None and not 256 <= self.num_ctx <= 1 << 20:
-            raise InvalidRequest(f"num_ctx {self.num_ctx} is out of range (256 to 1048576).")
-        for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-9, 1.0),
-                                ("min_p", 0.0, 1.0), ("repeat_penalty", 1e-9, 10.0)):
+        for key, bound in BOUNDS.items():
             value = getattr(self, key)
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, int | float)
-                                      or not low <= value <= high):
-                raise InvalidRequest(f"Model default {key} must be a number from {low:g} to "
-                                     f"{high:g}, not {value!r}.")
-        for key, low in (("top_k", 0), ("num_predict", 1)):
-            value = getattr(self, key)
-            if value is not None and not low <= value <= 1 << 20:
-                raise InvalidRequest(f"Model default {key} {value} is out of range.")
+            if value is not None and not bound.contains(value):
+                raise InvalidRequest(f"Model default {key} must be {bound.describe()}, not "
+                                     f"{value!r}.", param=key)
         for key in ("system", "template"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise InvalidRequest(f"Model default {key} must be a string.")
         if not all(isinstance(s, str) for s in self.stop):
             raise InvalidRequest("Model default stop must be strings.")
+        if self.dry_sequence_breakers is not None:
+            problem = check_sequence_breakers(self.dry_sequence_breakers)
+            if problem is not None:
+                raise InvalidRequest(f"Model default {problem}.",
+                                     param="dry_sequence_breakers")
+
+    def over(self, base: ModelDefaults) -> ModelDefaults:
+        """These defaults, with `base`'s for whatever these leave unset (a store entry's over
+        the ones its GGUF file brings)."""
+        mine = self.to_dict()
+        return ModelDefaults.from_dict({**base.to_dict(), **mine})
 
     def to_dict(self) -> dict[str, object]:
-        data = {k: v for k, v in asdict(self).items() if v is not None}
-        if not self.stop:
-            data.pop("stop", None)
-        else:
-            data["stop"] = list(self.stop)
+        data: dict[str, object] = {}
+        for key in self.keys():
+            value = getattr(self, key)
+            if value is None or (key == "stop" and not value):
+                continue
+            data[key] = list(value) if isinstance(value, tuple) else value
         return data
 
 

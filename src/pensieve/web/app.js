@@ -141,6 +141,8 @@
     });
     var body = { model: conv.model, messages: messages, stream: true,
                  stream_options: { include_usage: true } };
+    // An empty temperature sends none, so the model's own sampling defaults apply (the embedded
+    // model's were chosen by measurement: bench/loops.py).
     var temperature = parseFloat($("temperature").value), maxTokens = parseInt($("max-tokens").value, 10);
     if (!isNaN(temperature)) body.temperature = temperature;
     if (!isNaN(maxTokens)) body.max_tokens = maxTokens;

@@ -10,9 +10,20 @@ from pydantic import Field, model_validator
 
 from pensieve.api.base import StrictBody
 from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
+from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
+from pensieve.sampling import BOUNDS
 
+# The request fields that set a SamplingParams field, by that field's name: a store model's
+# defaults fill only those the client did not send.
+_SENT = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+         "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
+         "frequency_penalty": "frequency_penalty", "stop_sequences": "stop",
+         "repeat_last_n": "penalty_last_n", "dry_multiplier": "dry_multiplier",
+         "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
+         "dry_penalty_last_n": "dry_penalty_last_n",
+         "dry_sequence_breakers": "dry_sequence_breakers"}
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_TEXT = 1 << 24
@@ -114,12 +125,19 @@ class Metadata(StrictBody):
     user_id: str | None = Field(None, max_length=512)
 
 
-class MessagesRequest(_MessagesFields):
+class MessagesRequest(_MessagesFields, RepetitionFields):
+    """Anthropic's Messages request; beyond its spec, llama-server's sampling extensions
+    (min_p, repeat and presence/frequency penalties, repeat_last_n, dry_*)."""
+
     max_tokens: int = Field(ge=1, le=1 << 20)
     stop_sequences: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, le=1 << 20)
+    min_p: float | None = Field(None, **BOUNDS["min_p"].field_limits())
+    repeat_penalty: float | None = Field(None, **BOUNDS["repeat_penalty"].field_limits())
+    presence_penalty: float | None = Field(None, **BOUNDS["presence_penalty"].field_limits())
+    frequency_penalty: float | None = Field(None, **BOUNDS["frequency_penalty"].field_limits())
     stream: bool = False
     metadata: Metadata | None = None
     service_tier: str | None = None
@@ -138,14 +156,16 @@ class MessagesRequest(_MessagesFields):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repeat_penalty=1.0 if self.repeat_penalty is None else self.repeat_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             stop=tuple(self.stop_sequences or ()),
+            **self.repetition_params(),
         )
         fmt = self.output_config.format if self.output_config else None
         response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None
-        sent = {"max_tokens", *(f for f in ("temperature", "top_p", "top_k")
-                                if f in self.model_fields_set)}
-        if self.stop_sequences is not None:
-            sent.add("stop")
+        sent = {"max_tokens", *(_SENT[f] for f in self.model_fields_set if f in _SENT)}
         return GenerationRequest(self.model, params, (self.prompt(),), frozenset(sent),
                                  response_format, id_prefix="msg_")
 

@@ -131,8 +131,8 @@ def _show_payload(served: ServedModel, manifest: Manifest | None,
     template = served.defaults.template or info.chat_template or ""
     created = manifest.created if manifest else float(served.created)
     return {"license": license_ if isinstance(license_, str) else "",
-            "modelfile": describe.modelfile(served.name, manifest, info),
-            "parameters": describe.parameters_text(manifest), "template": template,
+            "modelfile": describe.modelfile(served.name, served.defaults, info),
+            "parameters": describe.parameters_text(served.defaults), "template": template,
             "system": served.defaults.system or "", "details": describe.details(info),
             "model_info": describe.model_info(info), "capabilities": ["completion"],
             "modified_at": _iso(created), "summary": describe.summary(info)}

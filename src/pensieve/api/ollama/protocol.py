@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pensieve.api.base import StrictBody
 from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
+from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.store.durations import parse_keep_alive
@@ -24,14 +25,18 @@ MAX_SCHEMA_CHARS = 1 << 16
 _SENT = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k",
          "top_p": "top_p", "min_p": "min_p", "seed": "seed", "stop": "stop",
          "repeat_penalty": "repeat_penalty", "repeat_last_n": "penalty_last_n",
-         "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+         "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+         "dry_multiplier": "dry_multiplier", "dry_base": "dry_base",
+         "dry_allowed_length": "dry_allowed_length", "dry_penalty_last_n": "dry_penalty_last_n",
+         "dry_sequence_breakers": "dry_sequence_breakers"}
 _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
                  "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread",
                  "num_keep", "penalize_newline", "tfs_z"}
 
 
-class Options(StrictBody):
-    """Ollama's `options`, the runtime ones mapped onto `SamplingParams`."""
+class Options(StrictBody, RepetitionFields):
+    """Ollama's `options`, the runtime ones mapped onto `SamplingParams` (with llama-server's
+    dry_* names for llama.cpp's DRY sampler)."""
 
     # a limit on prompt + answer within the server's context (more than it: a 400)
     num_ctx: int | None = Field(None, ge=1, le=1 << 24)
@@ -44,7 +49,6 @@ class Options(StrictBody):
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
     stop: list[str] | None = None
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    repeat_last_n: int | None = Field(None, ge=-1, le=1 << 20)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     mirostat: int | None = Field(None, ge=0, le=2)
@@ -91,11 +95,11 @@ class Options(StrictBody):
             min_p=self.min_p or 0.0,
             seed=None if seed is None or seed < 0 else seed & 0xFFFFFFFF,
             repeat_penalty=1.0 if self.repeat_penalty is None else self.repeat_penalty,
-            penalty_last_n=_last_n(self.repeat_last_n, n_ctx),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=tuple(self.stop or ()),
             max_context=self.num_ctx,
+            **{**self.repetition_params(), "penalty_last_n": _last_n(self.repeat_last_n, n_ctx)},
         )
 
 

@@ -8,10 +8,12 @@ from pydantic import Field, model_validator
 
 from pensieve.api import generation as gen
 from pensieve.api.base import StrictBody
+from pensieve.api.sampling_fields import RepetitionFields
 from pensieve.api.tools import ToolCall as CallRecord
 from pensieve.api.tools import ToolDef, ToolSpec
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
+from pensieve.sampling import BOUNDS
 from pensieve.structured import check_gbnf
 
 MAX_STOP_STRINGS = 16
@@ -24,7 +26,11 @@ MAX_LOGIT_BIAS = 1024
 _SENT = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
          "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
          "frequency_penalty": "frequency_penalty", "repeat_penalty": "repeat_penalty",
-         "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
+         "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+         "repeat_last_n": "penalty_last_n", "dry_multiplier": "dry_multiplier",
+         "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
+         "dry_penalty_last_n": "dry_penalty_last_n",
+         "dry_sequence_breakers": "dry_sequence_breakers"}
 
 
 class TextPart(StrictBody):
@@ -108,20 +114,21 @@ class ResponseFormat(StrictBody):
         return gen.ResponseFormat("json_schema", schema, bool(spec and spec.strict))
 
 
-class _SamplingFields(StrictBody):
-    """Sampling fields shared by chat and legacy completions."""
+class _SamplingFields(StrictBody, RepetitionFields):
+    """Sampling fields shared by chat and legacy completions (with llama-server's extensions:
+    min_p, top_k, repeat_penalty, repeat_last_n, dry_*)."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=1 << 20)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
+    temperature: float | None = Field(None, **BOUNDS["temperature"].field_limits())
+    top_p: float | None = Field(None, **BOUNDS["top_p"].field_limits())
+    top_k: int | None = Field(None, **BOUNDS["top_k"].field_limits())
+    min_p: float | None = Field(None, **BOUNDS["min_p"].field_limits())
+    seed: int | None = Field(None, **BOUNDS["seed"].field_limits())
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, **BOUNDS["presence_penalty"].field_limits())
+    frequency_penalty: float | None = Field(None, **BOUNDS["frequency_penalty"].field_limits())
+    repeat_penalty: float | None = Field(None, **BOUNDS["repeat_penalty"].field_limits())
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=64)
     user: str | None = None
@@ -187,6 +194,7 @@ class _SamplingFields(StrictBody):
             top_logprobs=top_logprobs,
             n=self.n,
             grammar=self.grammar,
+            **self.repetition_params(),
         )
 
 
