@@ -36,19 +36,12 @@ def model(default_model: Path) -> Iterator[Model]:
 
 def make_context(model: Model, monkeypatch: pytest.MonkeyPatch, *, flash: str, kv_type: str,
                  unified: bool = True) -> Context:
-    """A context whose KV cache has `kv_type` for K and V (set on llama.cpp's params directly)."""
-    defaults = C.llama_context_default_params
-
-    def params() -> C.llama_context_params:
-        p = defaults()
-        p.type_k = p.type_v = KV_TYPES[kv_type]
-        if flash == "off" and kv_type in QUANTIZED:
-            p.type_v = C.GGML_TYPE_F16  # llama.cpp quantizes V only with flash attention
-        return p
-
-    monkeypatch.setattr(C, "llama_context_default_params", params)
+    """A context whose KV cache has `kv_type` for K and V (V stays f16 without flash attention:
+    llama.cpp quantizes V only with it)."""
+    type_v = "f16" if flash == "off" and kv_type in QUANTIZED else kv_type
     config = ContextConfig(n_ctx=1024, n_batch=512, n_ubatch=512, n_seq_max=4, n_threads=2,
-                           n_threads_batch=2, flash_attn=flash, kv_unified=unified)
+                           n_threads_batch=2, flash_attn=flash, kv_unified=unified,
+                           type_k=kv_type, type_v=type_v)
     return Context(model, config)
 
 
