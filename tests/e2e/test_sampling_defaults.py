@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pensieve.cli import main
+from pensieve.cli.main import main
 from pensieve.store.default_model import RECOMMENDED_DEFAULTS
 from tests.support.server import MODEL, Server, start_server, stop_server
 
