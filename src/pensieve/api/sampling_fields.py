@@ -42,3 +42,18 @@ class RepetitionFields(BaseModel):
         if self.repeat_last_n is not None:
             values["penalty_last_n"] = last_n_or_context(self.repeat_last_n)
         return values
+
+
+# SamplingParams fields that every family's request models name alike; `sent_fields` maps the
+# rest by each family's renames.
+_SAME_NAMES = frozenset({"temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                         "repeat_penalty", "presence_penalty", "frequency_penalty", "max_tokens",
+                         *DRY_FIELDS})
+_RENAMED = {"repeat_last_n": "penalty_last_n"}
+
+
+def sent_fields(fields_set: set[str], renames: dict[str, str]) -> frozenset[str]:
+    """The SamplingParams fields a request set (by their SamplingParams names), from the request
+    fields it set: a store model's defaults fill only the others."""
+    names = {**_RENAMED, **renames}
+    return frozenset(names.get(f, f) for f in fields_set if f in names or f in _SAME_NAMES)

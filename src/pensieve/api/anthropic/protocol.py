@@ -10,20 +10,13 @@ from pydantic import Field, model_validator
 
 from pensieve.api.base import StrictBody
 from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
-from pensieve.api.sampling_fields import RepetitionFields
+from pensieve.api.sampling_fields import RepetitionFields, sent_fields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.sampling import BOUNDS
 
-# The request fields that set a SamplingParams field, by that field's name: a store model's
-# defaults fill only those the client did not send.
-_SENT = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-         "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
-         "frequency_penalty": "frequency_penalty", "stop_sequences": "stop",
-         "repeat_last_n": "penalty_last_n", "dry_multiplier": "dry_multiplier",
-         "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
-         "dry_penalty_last_n": "dry_penalty_last_n",
-         "dry_sequence_breakers": "dry_sequence_breakers"}
+# Request fields that set a SamplingParams field of another name.
+_RENAMES = {"stop_sequences": "stop"}
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_TEXT = 1 << 24
@@ -165,8 +158,8 @@ class MessagesRequest(_MessagesFields, RepetitionFields):
         )
         fmt = self.output_config.format if self.output_config else None
         response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None
-        sent = {"max_tokens", *(_SENT[f] for f in self.model_fields_set if f in _SENT)}
-        return GenerationRequest(self.model, params, (self.prompt(),), frozenset(sent),
+        sent = sent_fields(self.model_fields_set, _RENAMES)  # max_tokens: always sent
+        return GenerationRequest(self.model, params, (self.prompt(),), sent,
                                  response_format, id_prefix="msg_")
 
 

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pensieve.api.base import StrictBody
 from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
-from pensieve.api.sampling_fields import RepetitionFields
+from pensieve.api.sampling_fields import RepetitionFields, sent_fields
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.store.durations import parse_keep_alive
@@ -21,14 +21,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_SCHEMA_CHARS = 1 << 16
 # Options that size or place the model at load time: one server-wide setting each in Pensieve.
-# Options that set a SamplingParams field, by that field's name (store defaults fill the rest).
-_SENT = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k",
-         "top_p": "top_p", "min_p": "min_p", "seed": "seed", "stop": "stop",
-         "repeat_penalty": "repeat_penalty", "repeat_last_n": "penalty_last_n",
-         "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-         "dry_multiplier": "dry_multiplier", "dry_base": "dry_base",
-         "dry_allowed_length": "dry_allowed_length", "dry_penalty_last_n": "dry_penalty_last_n",
-         "dry_sequence_breakers": "dry_sequence_breakers"}
+# Options that set a SamplingParams field of another name (store defaults fill the unset).
+_RENAMES = {"num_predict": "max_tokens"}
 _LOAD_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
                  "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread",
                  "num_keep", "penalize_newline", "tfs_z"}
@@ -69,7 +63,7 @@ class Options(StrictBody, RepetitionFields):
         return self
 
     def sent(self) -> frozenset[str]:
-        return frozenset(_SENT[f] for f in self.model_fields_set if f in _SENT)
+        return sent_fields(self.model_fields_set, _RENAMES)
 
     def to_sampling_params(self, n_ctx: int) -> SamplingParams:
         """Ollama's defaults, except no repeat penalty unless asked for (as in Ollama's own

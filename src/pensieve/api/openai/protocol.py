@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from pensieve.api import generation as gen
 from pensieve.api.base import StrictBody
-from pensieve.api.sampling_fields import RepetitionFields
+from pensieve.api.sampling_fields import RepetitionFields, sent_fields
 from pensieve.api.tools import ToolCall as CallRecord
 from pensieve.api.tools import ToolDef, ToolSpec
 from pensieve.engine.types import SamplingParams
@@ -21,16 +21,8 @@ MAX_STOP_LENGTH = 256
 MAX_LOGIT_BIAS = 1024
 
 
-# The request fields that set a SamplingParams field, by that field's name: a store model's
-# defaults fill only those the client did not send.
-_SENT = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-         "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
-         "frequency_penalty": "frequency_penalty", "repeat_penalty": "repeat_penalty",
-         "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
-         "repeat_last_n": "penalty_last_n", "dry_multiplier": "dry_multiplier",
-         "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
-         "dry_penalty_last_n": "dry_penalty_last_n",
-         "dry_sequence_breakers": "dry_sequence_breakers"}
+# Request fields that set a SamplingParams field of another name.
+_RENAMES = {"max_completion_tokens": "max_tokens"}
 
 
 class TextPart(StrictBody):
@@ -170,7 +162,7 @@ class _SamplingFields(StrictBody, RepetitionFields):
         if self.grammar is not None:
             check_gbnf(self.grammar)
         fmt = self.response_format.to_format() if self.response_format else None
-        sent = frozenset(_SENT[f] for f in self.model_fields_set if f in _SENT)
+        sent = sent_fields(self.model_fields_set, _RENAMES)
         return gen.GenerationRequest(self.model, params, prompts, sent, fmt, spec,
                                    self.keep_alive, self.cache_prompt, id_prefix)
 
