@@ -21,11 +21,11 @@ import dataclasses
 import enum
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pensieve.api import tools
+from pensieve.api import reply, tool_formats, tools
 from pensieve.api.model_defaults import fill_defaults, with_system_prompt
 from pensieve.engine.client import EngineClient
 from pensieve.engine.types import (
@@ -106,6 +106,11 @@ class GenerationRequest:
     keep_alive: object | None = None
     use_cache: bool = True
     id_prefix: str = "gen-"
+    # Variables for the chat template beyond the messages (`enable_thinking`,
+    # `reasoning_effort`, a request's `chat_template_kwargs`).
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Split reasoning (`<think>...</think>`) from the answer; False keeps it in the text.
+    split_reasoning: bool = True
 
 
 # --- the events --------------------------------------------------------------------------------
@@ -130,8 +135,35 @@ class TextDelta:
     logprobs: list[TokenLogprob] | None = None
 
 
+@dataclass(slots=True)
+class ReasoningDelta:
+    index: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """A call's id and name, as soon as the model has written the name."""
+
+    index: int  # the choice
+    position: int  # the call's place among this choice's calls
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolArgsDelta:
+    """More of a started call's arguments (raw JSON text, as generated)."""
+
+    index: int
+    position: int
+    text: str
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCallEvent:
+    """A call, complete (after its start and argument deltas)."""
+
     index: int  # the choice
     position: int  # the call's place among this choice's calls
     call: tools.ToolCall
@@ -144,7 +176,7 @@ class Finished:
     stop_string: str | None = None
 
 
-Event = TextDelta | ToolCallEvent | Finished
+Event = TextDelta | ReasoningDelta | ToolCallStart | ToolArgsDelta | ToolCallEvent | Finished
 
 
 @dataclass(slots=True)
@@ -152,6 +184,7 @@ class Usage:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from Pensieve's memory
     num_output_tokens: int = 0
+    num_reasoning_tokens: int = 0  # output tokens generated inside a reasoning block
 
     @property
     def num_uncached_tokens(self) -> int:
@@ -194,6 +227,7 @@ class Choice:
     """One choice, collected whole."""
 
     text: str = ""
+    reasoning: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[tools.ToolCall] = field(default_factory=list)
@@ -218,14 +252,24 @@ async def start(runtime: ModelRuntime, request: GenerationRequest) -> Generation
     timings = Timings()
     served, info = await open_model(runtime, request.model, request.keep_alive)
     timings.loaded_ns = time.perf_counter_ns()
-    params = _final_params(request, served.defaults)
+    template = chat_template(info, served.defaults)
+    fmt = tool_formats.detect(template.source) if request.tools else None
+    params = _final_params(request, served.defaults, fmt)
     rid = f"{request.id_prefix}{uuid.uuid4().hex}"
-    engine_reqs = [_engine_request(f"{rid}-{i}" if i else rid, p, params, request, info,
-                                   served.defaults)
-                   for i, p in enumerate(request.prompts)]
+    think = reply.think_markers(template.source) if request.split_reasoning else None
+    engine_reqs, opened = [], []
+    for i, prompt in enumerate(request.prompts):
+        text = None if prompt.tokens is not None else \
+            render_prompt(info, prompt, request.tools, served.defaults, request.template_kwargs)
+        engine_reqs.append(_engine_request(f"{rid}-{i}" if i else rid, prompt, text, params,
+                                           request))
+        opened.append(bool(think and text and prompt.messages is not None
+                           and reply.opens_reasoning(text, think)))
     streams = await _submit_all(served.client, engine_reqs)
     timings.accepted_ns = time.perf_counter_ns()
-    return Generation(rid, served, request, streams, timings)
+    parsers = _Parsers(fmt, think if any(p.messages is not None for p in request.prompts)
+                       else None, opened, request.params.n)
+    return Generation(rid, served, request, streams, timings, parsers)
 
 
 async def count_prompt_tokens(runtime: ModelRuntime, request: GenerationRequest) -> int:
@@ -234,28 +278,36 @@ async def count_prompt_tokens(runtime: ModelRuntime, request: GenerationRequest)
     prompt = request.prompts[0]
     if prompt.tokens is not None:
         return len(prompt.tokens)
-    text = render_prompt(info, prompt, request.tools, served.defaults)
+    text = render_prompt(info, prompt, request.tools, served.defaults, request.template_kwargs)
     return len(await served.client.tokenize(text, add_special=True))
 
 
-def _final_params(request: GenerationRequest, defaults: ModelDefaults) -> SamplingParams:
+def _final_params(request: GenerationRequest, defaults: ModelDefaults,
+                  fmt: tool_formats.ToolFormat | None) -> SamplingParams:
     params = fill_defaults(request.params, request.sent, defaults)
-    grammar = _output_grammar(request, params.grammar)
-    return params if grammar == params.grammar else dataclasses.replace(params, grammar=grammar)
+    grammar, triggers = _output_grammar(request, params.grammar, fmt)
+    if grammar == params.grammar and not triggers:
+        return params
+    return dataclasses.replace(params, grammar=grammar, grammar_triggers=triggers)
 
 
-def _output_grammar(request: GenerationRequest, raw: str | None) -> str | None:
-    """At most one of: a raw grammar, a response format, offered tools."""
-    fmt = request.response_format
-    if request.tools is not None:
-        if raw is not None or fmt is not None:
+def _output_grammar(request: GenerationRequest, raw: str | None,
+                    fmt: tool_formats.ToolFormat | None) -> tuple[str | None, tuple[str, ...]]:
+    """At most one of: a raw grammar, a response format, offered tools; with the patterns
+    that start a lazy grammar (tools under `auto` in a native format: the text is free, a call
+    is kept valid once it opens)."""
+    fmt_ = request.response_format
+    spec = request.tools
+    if spec is not None and fmt is not None:
+        if raw is not None or fmt_ is not None:
             raise InvalidRequest("grammar and JSON response_format cannot be combined with "
                                  "tools; send tool_choice 'none' or drop them.", param="tools")
-        return tools.grammar(request.tools)
-    if raw is not None and fmt is not None:
+        lazy = spec.may_answer and fmt.native
+        return fmt.grammar(spec), fmt.triggers() if lazy else ()
+    if raw is not None and fmt_ is not None:
         raise InvalidRequest("Send either grammar or a JSON response_format, not both.",
                              param="grammar")
-    return fmt.grammar() if fmt is not None else raw
+    return (fmt_.grammar() if fmt_ is not None else raw), ()
 
 
 def chat_template(info: ModelInfo, defaults: ModelDefaults | None = None) -> ChatTemplate:
@@ -265,32 +317,58 @@ def chat_template(info: ModelInfo, defaults: ModelDefaults | None = None) -> Cha
 
 
 def render_prompt(info: ModelInfo, prompt: Prompt, spec: tools.ToolSpec | None = None,
-                  defaults: ModelDefaults | None = None) -> str:
+                  defaults: ModelDefaults | None = None,
+                  template_kwargs: Mapping[str, Any] | None = None) -> str:
     """The prompt text: chat messages through the model's template (with a store model's
-    system prompt and template override, and offered tools), or the text as given."""
+    system prompt and template override, and offered tools), or the text as given.
+
+    A template with its own tool syntax gets the tools, past calls and their results in the
+    shape Hugging Face templates expect; any other gets Pensieve's generic convention."""
     if prompt.messages is None:
         return (prompt.text or "") + prompt.prefill
-    messages = [_template_message(m) for m in prompt.messages]
-    if spec is not None:
-        messages = tools.with_instructions(messages, spec)
+    template = chat_template(info, defaults)
+    fmt = tool_formats.detect(template.source)
+    extra = dict(template_kwargs or {})
+    if fmt.native:
+        messages = _native_messages(prompt.messages)
+        if spec is not None:
+            extra["tools"] = tool_formats.template_tools(spec)
+    else:
+        messages = [_generic_message(m) for m in prompt.messages]
+        if spec is not None:
+            messages = tools.with_instructions(messages, spec)
     if defaults is not None:
         messages = with_system_prompt(messages, defaults)
-    rendered = chat_template(info, defaults).render(messages, add_generation_prompt=True)
+    rendered = template.render(messages, add_generation_prompt=True, **extra)
     return rendered + prompt.prefill
 
 
-def _template_message(m: Turn) -> dict[str, Any]:
+def _generic_message(m: Turn) -> dict[str, Any]:
     if m.tool_calls or m.role == "tool":
         return tools.render_turn(m.role, m.content, m.tool_calls, m.tool_call_id)
     return {"role": m.role, "content": m.content}
 
 
-def _engine_request(rid: str, prompt: Prompt, params: SamplingParams, request: GenerationRequest,
-                    info: ModelInfo, defaults: ModelDefaults) -> EngineRequest:
+def _native_messages(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
+    names: dict[str, str] = {}  # call id -> tool name, for results that name their tool
+    out: list[dict[str, Any]] = []
+    for m in turns:
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = tool_formats.template_calls(m.tool_calls)
+            names.update((c.id, c.name) for c in m.tool_calls)
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_call_id or ""
+            message["name"] = names.get(m.tool_call_id or "", "")
+        out.append(message)
+    return out
+
+
+def _engine_request(rid: str, prompt: Prompt, text: str | None, params: SamplingParams,
+                    request: GenerationRequest) -> EngineRequest:
     if prompt.tokens is not None:
         return EngineRequest(rid, params, prompt_tokens=prompt.tokens,
                              use_cache=request.use_cache)
-    text = render_prompt(info, prompt, request.tools, defaults)
     return EngineRequest(rid, params, prompt=text, use_cache=request.use_cache)
 
 
@@ -319,6 +397,23 @@ async def _submit_all(client: EngineClient, requests: list[EngineRequest]) -> li
     return streams
 
 
+@dataclass(slots=True)
+class _Parsers:
+    """How each choice's reply is read: the tool format and reasoning markers in force, and
+    whether each prompt's template already opened a reasoning block."""
+
+    fmt: tool_formats.ToolFormat | None
+    think: tuple[str, str] | None
+    opened: list[bool]
+    n: int
+
+    def make(self, num_choices: int) -> list[reply.ReplyParser] | None:
+        if self.fmt is None and self.think is None:
+            return None
+        return [reply.ReplyParser(self.fmt, self.think, self.opened[i // self.n])
+                for i in range(num_choices)]
+
+
 # --- the running generation ---------------------------------------------------------------------
 
 
@@ -327,7 +422,7 @@ class Generation:
     `usage` and `timings` fill in as the events pass. `aclose()` aborts what is unfinished."""
 
     def __init__(self, request_id: str, served: ServedModel, request: GenerationRequest,
-                 streams: list[_Stream], timings: Timings) -> None:
+                 streams: list[_Stream], timings: Timings, parsers: _Parsers) -> None:
         self.request_id = request_id
         self.model = served.name
         self.request = request
@@ -337,9 +432,8 @@ class Generation:
         self._streams = streams
         self._output_tokens = [0] * self.num_choices
         self._cached = [0] * len(streams)
-        # Under the generic tool convention a reply is JSON that means something only whole.
-        self._held: list[Choice] | None = (
-            [Choice() for _ in range(self.num_choices)] if request.tools else None)
+        # Reasoning and tool calls read apart from the answer (None: the text is the answer).
+        self._parsers = parsers.make(self.num_choices)
 
     @property
     def prompt_tokens(self) -> tuple[int, ...] | None:
@@ -362,9 +456,11 @@ class Generation:
                 choice.text += event.text
                 choice.token_ids.extend(event.token_ids)
                 choice.logprobs.extend(event.logprobs or ())
+            elif isinstance(event, ReasoningDelta):
+                choice.reasoning += event.text
             elif isinstance(event, ToolCallEvent):
                 choice.tool_calls.append(event.call)
-            else:
+            elif isinstance(event, Finished):
                 choice.finish, choice.stop_string = event.reason, event.stop_string
         return choices
 
@@ -381,8 +477,8 @@ class Generation:
         self._cached[k] = out.num_cached_tokens
         self.usage.num_output_tokens = sum(self._output_tokens)
         self.usage.num_cached_tokens = sum(self._cached)
-        if self._held is not None:
-            return self._held_events(self._held[index], index, out)
+        if self._parsers is not None:
+            return self._parsed_events(self._parsers[index], index, out)
         events: list[Event] = []
         if out.text or out.logprobs:
             events.append(TextDelta(index, out.text, out.token_ids, out.logprobs))
@@ -393,21 +489,36 @@ class Generation:
             events.append(Finished(index, _finish(out), out.stop_string))
         return events
 
-    def _held_events(self, held: Choice, index: int, out: SeqOutput) -> list[Event]:
-        held.text += out.text
-        held.token_ids.extend(out.token_ids)
-        held.logprobs.extend(out.logprobs or ())
-        if out.finish_reason is None:
-            return []
-        self._finish_timing()
-        reply = tools.parse_reply(held.text)
+    def _parsed_events(self, parser: reply.ReplyParser, index: int,
+                       out: SeqOutput) -> list[Event]:
+        if parser.in_reasoning:
+            self.usage.num_reasoning_tokens += len(out.token_ids)
+        parts = parser.feed(out.text) if out.text else []
+        if out.finish_reason is not None:
+            parts.extend(parser.close())
         events: list[Event] = []
-        if reply.content or held.logprobs:
-            events.append(TextDelta(index, reply.content or "", held.token_ids,
-                                    held.logprobs or None))
-        events.extend(ToolCallEvent(index, i, call) for i, call in enumerate(reply.tool_calls))
-        reason = Finish.TOOL_CALLS if reply.tool_calls else _finish(out)
-        events.append(Finished(index, reason, out.stop_string))
+        carried = False  # the output's token ids and logprobs go with its first text event
+        for part in parts:
+            if isinstance(part, reply.Content):
+                events.append(TextDelta(index, part.text, [] if carried else out.token_ids,
+                                        None if carried else out.logprobs))
+                carried = True
+            elif isinstance(part, reply.Reasoning):
+                events.append(ReasoningDelta(index, part.text))
+            elif isinstance(part, reply.CallStart):
+                events.append(ToolCallStart(index, part.position, part.id, part.name))
+            elif isinstance(part, reply.CallArgs):
+                events.append(ToolArgsDelta(index, part.position, part.text))
+            else:
+                events.append(ToolCallEvent(index, part.position, part.call))
+        if not carried and (out.token_ids or out.logprobs):
+            events.insert(0, TextDelta(index, "", out.token_ids, out.logprobs))
+        if out.finish_reason is not None:
+            self._finish_timing()
+            reason = _finish(out)
+            if parser.num_calls and reason in (Finish.END, Finish.STOP_STRING):
+                reason = Finish.TOOL_CALLS
+            events.append(Finished(index, reason, out.stop_string))
         return events
 
     def _finish_timing(self) -> None:

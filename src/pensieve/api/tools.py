@@ -14,9 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from pensieve.errors import InvalidRequest
 from pensieve.structured import UnsupportedSchema, grammar_for_json_schema
 
 log = logging.getLogger("pensieve.api.tools")
@@ -69,6 +74,41 @@ class ParsedReply:
 
     content: str | None
     tool_calls: list[ToolCall]
+
+
+def validate(defs: Sequence[ToolDef], param: str = "tools") -> None:
+    """400, naming the tool, when a tool's parameters are not a valid JSON schema (as a
+    response_format schema would be); duplicate names are refused too. A valid schema that
+    a grammar cannot enforce in full still works: its arguments are kept a JSON object."""
+    seen: set[str] = set()
+    for i, tool in enumerate(defs):
+        if tool.name in seen:
+            raise InvalidRequest(f"Two tools are named {tool.name!r}; tool names must be "
+                                 "unique.", param=f"{param}[{i}]")
+        seen.add(tool.name)
+        if tool.parameters is None:
+            continue
+        try:
+            Draft202012Validator.check_schema(tool.parameters)
+        except SchemaError as exc:
+            where = "/".join(str(p) for p in exc.path) or "the top level"
+            raise InvalidRequest(
+                f"Tool {tool.name!r}: its parameters are not a valid JSON schema ({where}: "
+                f"{exc.message}).", param=f"{param}[{i}]", code="invalid_tool_schema") from exc
+
+
+# Template variables a request may not set: Pensieve fills them in.
+_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def template_kwargs(given: dict[str, Any] | None, param: str) -> dict[str, Any]:
+    """A request's extra chat-template variables (`chat_template_kwargs`), checked."""
+    kwargs = dict(given or {})
+    taken = sorted(_RESERVED & kwargs.keys())
+    if taken:
+        raise InvalidRequest(f"{param} may not set {', '.join(taken)}: Pensieve fills them in "
+                             "from the request.", param=param)
+    return kwargs
 
 
 def with_instructions(messages: list[dict[str, Any]], spec: ToolSpec) -> list[dict[str, Any]]:

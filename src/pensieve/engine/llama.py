@@ -422,10 +422,15 @@ class Sampler:
                 raise LlamaError("could not create a sampler stage")
             C.llama_sampler_chain_add(self.handle, stage)  # the chain owns it from here
         if params.grammar is not None:
-            self._init_grammar(model, params.grammar)
+            self._init_grammar(model, params.grammar, params.grammar_triggers)
 
-    def _init_grammar(self, model: Model, grammar: str) -> None:
-        self.grammar = C.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    def _init_grammar(self, model: Model, grammar: str, triggers: tuple[str, ...]) -> None:
+        if triggers:
+            patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+            self.grammar = C.llama_sampler_init_grammar_lazy_patterns(
+                model.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0)
+        else:
+            self.grammar = C.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
         if not self.grammar:
             self.close()
             raise GrammarError("llama.cpp could not parse the grammar (GBNF), or it has no "

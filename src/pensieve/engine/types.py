@@ -40,6 +40,9 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     grammar: str | None = None  # GBNF that constrains the output (structured output, tools)
+    # Regex patterns that make the grammar lazy: the output is free until one of them matches
+    # the text so far, and the grammar holds from the match on (a tool call opening).
+    grammar_triggers: tuple[str, ...] = ()
     # llama.cpp's DRY ("don't repeat yourself") sampler: penalises a token that would extend a
     # sequence already seen, by multiplier * base ** (length - allowed_length). 0: off.
     dry_multiplier: float = 0.0

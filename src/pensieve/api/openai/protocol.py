@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -10,7 +11,8 @@ from pensieve.api import generation as gen
 from pensieve.api.base import StrictBody
 from pensieve.api.sampling_fields import RepetitionFields, sent_fields
 from pensieve.api.tools import ToolCall as CallRecord
-from pensieve.api.tools import ToolDef, ToolSpec
+from pensieve.api.tools import ToolDef, ToolSpec, template_kwargs
+from pensieve.api.tools import validate as validate_tools
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.sampling import BOUNDS
@@ -226,6 +228,11 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # llama-server's: "none" keeps <think>...</think> in the content; the others split it into
+    # reasoning_content.
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> ChatCompletionRequest:
@@ -241,12 +248,13 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
     def tool_spec(self) -> ToolSpec | None:
-        if not self.tools or self.tool_choice == "none":
+        defs = tuple(ToolDef(t.function.name, t.function.description or "",
+                             t.function.parameters) for t in self.tools or ())
+        validate_tools(defs)
+        if not defs or self.tool_choice == "none":
             return None
         choice = self.tool_choice
         name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
-        defs = tuple(ToolDef(t.function.name, t.function.description or "",
-                                   t.function.parameters) for t in self.tools)
         return ToolSpec(defs, name or "auto", self.parallel_tool_calls)
 
     def to_generate(self) -> gen.GenerationRequest:
@@ -254,7 +262,12 @@ class ChatCompletionRequest(_SamplingFields):
                                       logprobs=self.logprobs,
                                       top_logprobs=self.top_logprobs or 0)
         prompt = gen.Prompt(messages=tuple(m.to_message() for m in self.messages))
-        return self.generate_request((prompt,), params, "chatcmpl-", self.tool_spec())
+        request = self.generate_request((prompt,), params, "chatcmpl-", self.tool_spec())
+        kwargs = template_kwargs(self.chat_template_kwargs, "chat_template_kwargs")
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+        return dataclasses.replace(request, template_kwargs=kwargs,
+                                   split_reasoning=self.reasoning_format != "none")
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]

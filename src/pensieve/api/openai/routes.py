@@ -22,8 +22,10 @@ from pensieve.api.generation import (
     Finish,
     Finished,
     Generation,
+    ReasoningDelta,
     TextDelta,
-    ToolCallEvent,
+    ToolArgsDelta,
+    ToolCallStart,
     Usage,
     start,
 )
@@ -81,7 +83,8 @@ def _usage(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.num_prompt_tokens,
             "completion_tokens": usage.num_output_tokens,
             "total_tokens": usage.num_total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.num_cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": usage.num_cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": usage.num_reasoning_tokens}}
 
 
 def _finish_reason(choice: Choice) -> str | None:
@@ -131,6 +134,8 @@ async def chat_completions(body: ChatCompletionRequest,
 
 def _chat_choice(index: int, choice: Choice) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.reasoning:
+        message["reasoning_content"] = choice.reasoning
     if choice.tool_calls:
         message["content"] = choice.text or None
         message["tool_calls"] = [_tool_call(c) for c in choice.tool_calls]
@@ -154,22 +159,19 @@ async def _chat_chunks(gen: Generation, include_usage: bool) -> AsyncIterator[by
                 lp = _chat_logprobs(event.logprobs) if event.logprobs else None
                 content = {"content": event.text} if event.text else {}
                 yield chunks.choice(_delta(event.index, content, lp))
-        elif isinstance(event, ToolCallEvent):
-            for delta in _tool_call_deltas(event):
-                yield chunks.choice(_delta(event.index, delta))
-        else:
+        elif isinstance(event, ReasoningDelta):
+            yield chunks.choice(_delta(event.index, {"reasoning_content": event.text}))
+        elif isinstance(event, ToolCallStart):  # id and name first, then the arguments
+            head = {"index": event.position, "id": event.id, "type": "function",
+                    "function": {"name": event.name, "arguments": ""}}
+            yield chunks.choice(_delta(event.index, {"tool_calls": [head]}))
+        elif isinstance(event, ToolArgsDelta):
+            args = {"index": event.position, "function": {"arguments": event.text}}
+            yield chunks.choice(_delta(event.index, {"tool_calls": [args]}))
+        elif isinstance(event, Finished):
             yield chunks.choice(_delta(event.index, {}, finish=event))
     if include_usage:
         yield chunks.usage(gen.usage)
-
-
-def _tool_call_deltas(event: ToolCallEvent) -> list[dict[str, Any]]:
-    """A call as OpenAI streams it: id and name first, then the arguments."""
-    call = event.call
-    head = {"index": event.position, "id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": ""}}
-    args = {"index": event.position, "function": {"arguments": call.arguments}}
-    return [{"tool_calls": [head]}, {"tool_calls": [args]}]
 
 
 def _delta(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
