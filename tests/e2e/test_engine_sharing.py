@@ -58,3 +58,40 @@ def test_each_sequence_follows_its_own_grammar(engine: Engine) -> None:
             texts[out.request_id] = texts.get(out.request_id, "") + out.text
     assert texts["a"] in ("yes", "no")
     assert len(texts["b"]) == 3 and texts["b"].isdigit()
+
+
+LAZY_PROMPT = "".join(
+    f"Q: the weather in {city}?\nA: <tool_call>{{\"name\": \"get_weather\", \"arguments\": "
+    f"{{\"city\": \"{city}\"}}}}</tool_call>\n" for city in ("Paris", "Oslo", "Lima", "Kyiv")
+) + "Q: the weather in Rome?\nA:"
+
+
+def _lazy_run(engine: Engine, rid: str, grammar: str | None,
+              triggers: tuple[str, ...]) -> str:
+    params = SamplingParams(max_tokens=48, temperature=0.0, grammar=grammar,
+                            grammar_triggers=triggers)
+    engine.add_request(EngineRequest(rid, params, prompt=LAZY_PROMPT))
+    text = ""
+    while engine.has_work():
+        text += "".join(out.text for out in engine.step())
+    return text
+
+
+def test_a_lazy_grammar_holds_only_from_its_trigger(engine: Engine) -> None:
+    """A tool call under `auto`: the text is free until `<tool_call>` opens, then the call
+    follows the grammar (here: a tool the examples never name, so the model would not write
+    it unconstrained)."""
+    from pensieve.api.tool_formats import Hermes
+    from pensieve.api.tools import ToolDef, ToolSpec
+    free = _lazy_run(engine, "free", None, ())
+    assert free.lstrip().startswith("<tool_call>")  # the model copies the examples
+    spec = ToolSpec((ToolDef("lookup", "", {"type": "object",
+                                             "properties": {"q": {"type": "string"}},
+                                             "required": ["q"]}),))
+    fmt = Hermes()
+    lazy = _lazy_run(engine, "lazy", fmt.grammar(spec), fmt.triggers())
+    before, _, _ = lazy.partition("<tool_call>")
+    assert before == free.partition("<tool_call>")[0]  # nothing constrained before the trigger
+    region = fmt.parse(lazy[len(before):])
+    assert [c.name for c in region.calls] == ["lookup"] and region.calls[0].complete
+    assert "lookup" not in free  # the grammar, not the model, chose it

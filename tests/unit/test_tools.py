@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pensieve.api.openai.protocol import ChatCompletionRequest
-from pensieve.api.tools import ToolSpec, grammar, parse_reply, render_turn, with_instructions
+from pensieve.api.tools import ToolSpec, grammar, render_turn, with_instructions
 
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",
@@ -68,17 +68,26 @@ def test_past_calls_and_results_are_rendered_as_json() -> None:
         "tool_response": {"tool_call_id": "call_1", "content": "cold"}}
 
 
-def test_replies_parse_into_calls_or_content() -> None:
-    calls = parse_reply('{"tool_calls": [{"name": "f", "arguments": {"a": 1}}]}')
-    assert calls.content is None
-    assert (calls.tool_calls[0].name, calls.tool_calls[0].arguments) == ("f", '{"a": 1}')
-    assert calls.tool_calls[0].id.startswith("call_")
-    assert parse_reply('{"response": "hello"}').content == "hello"
-    assert parse_reply('{"tool_calls": [{"na').content == '{"tool_calls": [{"na'
-
-
 @pytest.mark.parametrize("choice", ["auto", "required"])
 def test_tool_choice_needs_tools(choice: str) -> None:
     with pytest.raises(ValueError):
         ChatCompletionRequest.model_validate({"model": "m", "tool_choice": choice,
                                               "messages": [{"role": "user", "content": "x"}]})
+
+
+@pytest.mark.parametrize(("tools", "says"), [
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": 123}}}], "'f'"),
+    ([TOOL, TOOL], "get_weather"),
+    ([{"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "minLength": -1}}}}}], "'g'"),
+])
+def test_invalid_tool_schemas_are_refused_naming_the_tool(tools: list, says: str) -> None:
+    from pensieve.errors import InvalidRequest
+    for choice in ("auto", "none"):  # even when the tools are not offered
+        with pytest.raises(InvalidRequest) as caught:
+            _body(tools=tools, tool_choice=choice).tool_spec()
+        assert says in str(caught.value)
+
+
+def test_a_valid_schema_the_grammar_cannot_enforce_is_accepted() -> None:
+    assert _spec().tools[1].name == "send_mail"  # "format": "email" is valid JSON Schema

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pensieve.api import tools
-from pensieve.structured import UnsupportedSchema, grammar_for_json_schema
+from pensieve.structured import grammar_for_json_schema
 
 _WS = " \t\r\n"
 
@@ -211,7 +211,7 @@ class ToolFormat:
 
     def call_grammar(self, spec: tools.ToolSpec) -> str:
         """GBNF whose rule `tc-call` is one call object to one of the offered tools."""
-        schema = {"anyOf": [_call_schema(t, self.args_key) for t in spec.offered]}
+        schema = {"anyOf": [tools.call_schema(t, self.args_key) for t in spec.offered]}
         source = grammar_for_json_schema(schema)
         return re.sub(r"^root ::=", "tc-call ::=", source, flags=re.MULTILINE)
 
@@ -401,16 +401,6 @@ def detect(template: str | None) -> ToolFormat:
     if "<|start_header_id|>" in template and "ipython" in template:
         return FORMATS[1]  # Llama 3.2-3.3 templates that take JSON calls without the tag
     return GENERIC
-
-
-def _call_schema(tool: tools.ToolDef, args_key: str) -> dict[str, Any]:
-    params = tool.parameters or {"type": "object"}
-    try:
-        grammar_for_json_schema(params)
-    except UnsupportedSchema:
-        params = {"type": "object"}  # arguments stay a JSON object; the schema's detail is lost
-    return {"type": "object", "properties": {"name": {"const": tool.name}, args_key: params},
-            "required": ["name", args_key]}
 
 
 # --- what the template is given ---------------------------------------------------------------

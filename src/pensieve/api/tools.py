@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,14 +65,6 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # JSON text
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedReply:
-    """One choice's output, read under the convention."""
-
-    content: str | None
-    tool_calls: list[ToolCall]
 
 
 def validate(defs: Sequence[ToolDef], param: str = "tools") -> None:
@@ -148,7 +139,7 @@ def grammar(spec: ToolSpec) -> str:
     """GBNF for the reply: tool calls (and, under `auto`, a direct response)."""
     call_array: dict[str, Any] = {
         "type": "array", "minItems": 1,
-        "items": {"anyOf": [_call_schema(t) for t in spec.offered]},
+        "items": {"anyOf": [call_schema(t) for t in spec.offered]},
     }
     if not spec.parallel:
         call_array["maxItems"] = 1
@@ -161,7 +152,8 @@ def grammar(spec: ToolSpec) -> str:
     return grammar_for_json_schema({"anyOf": [calls, response]})
 
 
-def _call_schema(tool: ToolDef) -> dict[str, Any]:
+def call_schema(tool: ToolDef, args_key: str = "arguments") -> dict[str, Any]:
+    """The JSON schema of one call to `tool`: its name, and its arguments under `args_key`."""
     params = tool.parameters or {"type": "object"}
     try:
         grammar_for_json_schema(params)
@@ -170,25 +162,5 @@ def _call_schema(tool: ToolDef) -> dict[str, Any]:
         log.warning("tool %r: %s; its arguments are constrained to any JSON object",
                     tool.name, exc.message)
         params = {"type": "object"}
-    return {"type": "object", "properties": {"name": {"const": tool.name},
-                                             "arguments": params},
-            "required": ["name", "arguments"]}
-
-
-def parse_reply(text: str) -> ParsedReply:
-    """Read a reply: tool calls, a direct response, or (not in the convention) plain text."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return ParsedReply(text, [])
-    if isinstance(data, dict) and isinstance(data.get("tool_calls"), list):
-        calls = [_call(c) for c in data["tool_calls"] if isinstance(c, dict)]
-        return ParsedReply(None, calls)
-    if isinstance(data, dict) and isinstance(data.get("response"), str):
-        return ParsedReply(data["response"], [])
-    return ParsedReply(text, [])
-
-
-def _call(call: dict[str, Any]) -> ToolCall:
-    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", str(call.get("name", "")),
-                    json.dumps(call.get("arguments", {})))
+    return {"type": "object", "properties": {"name": {"const": tool.name}, args_key: params},
+            "required": ["name", args_key]}
