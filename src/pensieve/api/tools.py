@@ -17,9 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-
 from pensieve.errors import InvalidRequest
 from pensieve.structured import UnsupportedSchema, grammar_for_json_schema
 
@@ -71,6 +68,9 @@ def validate(defs: Sequence[ToolDef], param: str = "tools") -> None:
     """400, naming the tool, when a tool's parameters are not a valid JSON schema (as a
     response_format schema would be); duplicate names are refused too. A valid schema that
     a grammar cannot enforce in full still works: its arguments are kept a JSON object."""
+    from jsonschema import Draft202012Validator  # on first use: it costs start-up time
+    from jsonschema.exceptions import SchemaError
+
     seen: set[str] = set()
     for i, tool in enumerate(defs):
         if tool.name in seen:
