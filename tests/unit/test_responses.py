@@ -10,9 +10,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from pensieve.api.app import create_app
 from pensieve.api.generation import (
     Finish,
     Finished,
@@ -37,6 +39,7 @@ from pensieve.api.openai.responses_store import (
 from pensieve.api.tools import ToolCall
 from pensieve.engine.types import ModelInfo
 from pensieve.errors import InvalidRequest
+from pensieve.runtime import ModelRuntime
 from tests.support.templates import HERMES, WEATHER
 
 # --- the store -------------------------------------------------------------------------------
@@ -407,3 +410,72 @@ def test_the_response_object_is_valid_for_the_sdk(finish: Finish) -> None:
 def test_a_running_response_has_no_output_yet() -> None:
     parsed = Response.model_validate(fake_run(request(), ResponseOutput()).response())
     assert parsed.status == "in_progress" and parsed.output == [] and parsed.usage is None
+
+
+# --- the routes, without a model -------------------------------------------------------------
+
+
+@pytest.fixture
+def http(tmp_path: Path) -> TestClient:
+    app = create_app(ModelRuntime(), responses_store=ResponseStoreConfig(tmp_path))
+    return TestClient(app)  # no lifespan: no worker is started
+
+
+def saved(http: TestClient, n: int, num_items: int) -> StoredResponse:
+    conversation = [items.message_item("user", str(k)) for k in range(num_items)]
+    response = {**stored(n).response, "output": []}
+    entry = StoredResponse(response, conversation)
+    http.app.state.responses.save(entry)  # type: ignore[attr-defined]
+    return entry
+
+
+def test_stored_responses_are_retrieved_listed_and_deleted(http: TestClient) -> None:
+    entry = saved(http, 1, 5)
+    assert http.get(f"/v1/responses/{entry.id}").json() == entry.response
+    page = http.get(f"/v1/responses/{entry.id}/input_items",
+                    params={"order": "asc", "limit": 2}).json()
+    assert [d["content"][0]["text"] for d in page["data"]] == ["0", "1"] and page["has_more"]
+    rest = http.get(f"/v1/responses/{entry.id}/input_items",
+                    params={"order": "asc", "after": page["last_id"]}).json()
+    assert [d["content"][0]["text"] for d in rest["data"]] == ["2", "3", "4"]
+    newest = http.get(f"/v1/responses/{entry.id}/input_items").json()  # desc by default
+    assert newest["data"][0]["content"][0]["text"] == "4"
+    deleted = http.delete(f"/v1/responses/{entry.id}")
+    assert deleted.json() == {"id": entry.id, "object": "response.deleted", "deleted": True}
+    assert http.get(f"/v1/responses/{entry.id}").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v1/responses/resp_nothere", "/v1/responses/..%2Fx",
+                                  "/v1/responses/resp_nothere/input_items"])
+def test_unknown_responses_are_a_404_in_openai_shape(http: TestClient, path: str) -> None:
+    r = http.get(path)
+    assert r.status_code == 404
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert http.delete("/v1/responses/resp_nothere").status_code == 404
+
+
+def test_an_unknown_previous_response_is_a_404_before_any_model_is_needed(
+        http: TestClient) -> None:
+    r = http.post("/v1/responses", json={"model": "m", "input": "hi",
+                                         "previous_response_id": "resp_nothere"})
+    assert r.status_code == 404
+    assert r.json()["error"]["param"] == "previous_response_id"
+    assert r.json()["error"]["code"] == "previous_response_not_found"
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"tools": [{"type": "function", "name": "bad_tool", "parameters": {"type": 123}}]},
+     "bad_tool"),
+    ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "file_search"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "item_reference"),
+    ({"background": True}, "background"),
+    ({"truncation": "sometimes"}, "truncation"),
+    ({"input": []}, "input"),
+])
+def test_requests_pensieve_cannot_serve_are_a_400_naming_why(http: TestClient,
+                                                            body: dict[str, Any],
+                                                            needle: str) -> None:
+    r = http.post("/v1/responses", json={"model": "m", "input": "hi", **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] or needle in (error["param"] or "")

@@ -67,8 +67,9 @@ async def create_response(body: ResponsesRequest,
         previous = await _stored(request, body.previous_response_id, "previous_response_id")
         carried = [*previous.input, *previous.response["output"]]
     conversation = [*carried, *new_items]
+    generate = body.to_generate(to_turns(conversation, body.instructions))
     runtime: ModelRuntime = request.app.state.runtime
-    gen = await start(runtime, body.to_generate(to_turns(conversation, body.instructions)))
+    gen = await start(runtime, generate)
     run = _Run(gen, body, conversation, _store(request))
     if body.stream:
         return event_stream(run.stream(), gen.aclose)
