@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -29,6 +30,7 @@ from pensieve.api.streaming import event_stream, sse_event, until_disconnect
 from pensieve.errors import NotFound, PensieveError
 from pensieve.runtime import ModelRuntime
 
+log = logging.getLogger("pensieve.api.responses")
 router = APIRouter()
 
 # A finish -> the response's status.
@@ -114,9 +116,12 @@ class _Run:
                            "response": response})
 
     async def save(self, response: dict[str, Any]) -> None:
-        if self.body.store:
-            stored = StoredResponse(response, self.conversation)
-            await asyncio.to_thread(self.store.save, stored)
+        if not self.body.store:
+            return
+        try:
+            await asyncio.to_thread(self.store.save, StoredResponse(response, self.conversation))
+        except OSError as exc:  # the answer still goes out; only its follow-ups will miss it
+            log.error("could not store response %s: %s", response["id"], exc)
 
     def response(self) -> dict[str, Any]:
         """The Response object as it stands."""
