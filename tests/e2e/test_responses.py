@@ -111,11 +111,16 @@ def test_a_streamed_answer_sends_its_text_in_deltas_that_add_up(client: OpenAI) 
 
 
 def test_the_sdk_stream_helper_assembles_the_same_response(client: OpenAI) -> None:
-    with client.responses.stream(model=MODEL, input="Say hi.", max_output_tokens=12,
-                                 temperature=0) as stream:
+    """`responses.stream` checks the events' order and identities as it assembles them (a
+    schema makes the answer end within the tokens: the helper wants `response.completed`)."""
+    prompt, schema = SCHEMAS[0]
+    fmt = {"type": "json_schema", "name": "person", "schema": schema, "strict": True}
+    with client.responses.stream(model=MODEL, input=prompt, text={"format": fmt},
+                                 max_output_tokens=128, temperature=0) as stream:
         texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert final.output_text == "".join(texts) and final.output_text
+    jsonschema.validate(json.loads(final.output_text), schema)
 
 
 def test_json_schema_output_follows_the_schema(client: OpenAI) -> None:
@@ -139,8 +144,8 @@ def test_a_tool_loop_through_previous_response_id(client: OpenAI, model: str,
     """A required call, its result as a function_call_output on the call's response, the
     answer, and a follow-up whose prompt begins with the whole earlier conversation."""
     first = create(client, stream, model=model, input="What is the weather in Paris?",
-                   tools=[TOOL], tool_choice="required", temperature=0,
-                   max_output_tokens=64)
+                   tools=[TOOL], tool_choice="required", parallel_tool_calls=False,
+                   temperature=0, max_output_tokens=128)
     assert first.status == "completed"
     (call,) = items_of(first, "function_call")
     assert call.name == "get_weather" and call.status == "completed"
@@ -172,8 +177,8 @@ def test_a_tool_loop_through_previous_response_id(client: OpenAI, model: str,
 
 def test_streamed_call_arguments_come_in_several_deltas(client: OpenAI) -> None:
     final, events = streamed(client, model=HERMES_MODEL, input="Weather in Rome?",
-                             tools=[TOOL], tool_choice="required", temperature=0,
-                             max_output_tokens=64)
+                             tools=[TOOL], tool_choice="required", parallel_tool_calls=False,
+                             temperature=0, max_output_tokens=128)
     (call,) = items_of(final, "function_call")
     added = [e for e in events if e.type == "response.output_item.added"]
     assert added[0].item.type == "function_call" and added[0].item.name == "get_weather"
