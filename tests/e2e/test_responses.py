@@ -214,6 +214,8 @@ def test_retrieve_list_input_items_and_delete(client: OpenAI) -> None:
                                 temperature=0, metadata={"topic": "greeting"})
     got = client.responses.retrieve(r.id)
     assert got.id == r.id and got.output_text == r.output_text
+    raw = client.responses.with_raw_response.retrieve(r.id).http_response.json()
+    Response.model_validate(raw)  # every field the SDK's type requires, of its type
     assert got.metadata == {"topic": "greeting"}
     listed = client.responses.input_items.list(r.id)
     assert len(listed.data) == 1 and listed.data[0].content[0].text == "Hello there."
