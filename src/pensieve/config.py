@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the HTTP stack is imported where used: `serve` reads the se
     # starts loading the model) before it imports FastAPI and uvicorn
     from pensieve.api.middleware.access import AccessConfig
     from pensieve.api.middleware.limits import LimitsConfig
+    from pensieve.api.openai.responses_store import ResponseStoreConfig
 
 
 def default_data_dir() -> Path:
@@ -136,6 +137,14 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(
         3, ge=0, le=64, description="Most models resident at once. 0: only the memory budget "
         "limits it.")
+    # --- stored responses of /v1/responses (docs/api.md, "Responses") ---
+    responses_max_stored: int = Field(
+        1000, ge=0, le=1 << 20, description="Most responses of /v1/responses kept for GET "
+        "and previous_response_id (one JSON file each under DATA_DIR/responses; they survive "
+        "restarts); the oldest are removed first. 0: none are kept.")
+    responses_max_age_days: float = Field(
+        30.0, ge=0, le=36500, description="Stored responses older than this many days are "
+        "removed. 0: no age limit.")
 
     @field_validator("tensor_split", mode="before")
     @classmethod
@@ -319,6 +328,12 @@ class Settings(BaseSettings):
         return LimitsConfig(max_body_bytes=self.max_body_bytes,
                             max_header_bytes=self.max_header_bytes,
                             read_timeout_s=self.read_timeout)
+
+    def responses_config(self) -> ResponseStoreConfig:
+        from pensieve.api.openai.responses_store import ResponseStoreConfig
+
+        return ResponseStoreConfig(self.data_dir / "responses", self.responses_max_stored,
+                                   self.responses_max_age_days * 86400.0 or None)
 
     def client_limits(self) -> ClientLimits:
         return ClientLimits(max_in_flight=self.parallel + self.max_queue,

@@ -19,15 +19,17 @@ from pensieve.api.middleware.safety import SafetyConfig, install_safety
 from pensieve.api.ollama import embed as ollama_embed
 from pensieve.api.ollama import models as ollama_models
 from pensieve.api.ollama import routes as ollama
-from pensieve.api.openai import embeddings
+from pensieve.api.openai import embeddings, responses
 from pensieve.api.openai import routes as openai
+from pensieve.api.openai.responses_store import ResponseStore, ResponseStoreConfig
 from pensieve.engine.client import EngineClient
 from pensieve.runtime import ModelRuntime
 
 log = logging.getLogger("pensieve.api")
 
 
-def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None) -> FastAPI:
+def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None,
+               responses_store: ResponseStoreConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = runtime
@@ -46,10 +48,13 @@ def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None) -> Fas
                   description="A local LLM server with continuous batching and memory.",
                   docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    # Stored responses of /v1/responses; without a config (tests), kept in memory only.
+    app.state.responses = ResponseStore(responses_store or ResponseStoreConfig(None))
     # Without a config (tests, embedding) any Host is accepted; `pensieve serve` always passes
     # one built from the settings, which checks Host against the loopback names by default.
     install_safety(app, runtime, safety or SafetyConfig(AccessConfig(allowed_hosts=("*",))))
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(admin.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)

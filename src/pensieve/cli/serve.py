@@ -138,7 +138,7 @@ def _run_http(settings: Settings, runtime: ModelRuntime, name: str, hardware: st
     from pensieve.api.middleware.safety import SafetyConfig
 
     safety = SafetyConfig(settings.access_config(), settings.limits_config())
-    app = create_app(runtime, safety)
+    app = create_app(runtime, safety, settings.responses_config())
     _print_banner(settings, name, hardware)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal against the
     # handler it found; a no-op handler makes that a clean exit 0 instead of death by signal.

@@ -266,7 +266,7 @@ class ModelStore:
             raise InvalidRequest(f"blob sha256:{manifest.digest} is not in the store")
         path = self.manifest_path(manifest.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, manifest.to_json())
+        write_atomic(path, manifest.to_json())
 
     def import_file(self, source: Path, name: str, *, defaults: ModelDefaults | None = None,
                     link: bool = False, progress: ProgressFn | None = None) -> Manifest:
@@ -337,7 +337,9 @@ def _try_link(source: Path, dest: Path) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` all at once: a temporary file beside it, fsynced, renamed
+    over it; a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
