@@ -18,7 +18,7 @@ from pensieve.api.generation import (
     ToolCallStart,
     Turn,
 )
-from pensieve.api.ollama.capabilities import capabilities, can_think
+from pensieve.api.ollama.capabilities import can_think, capabilities
 from pensieve.api.ollama.protocol import ChatRequest, chat_turns
 from pensieve.api.tools import ToolCall
 from pensieve.errors import InvalidRequest
@@ -116,6 +116,13 @@ def test_a_conversation_ending_in_an_unanswered_call_is_refused() -> None:
         {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]}])
     with pytest.raises(InvalidRequest):
         req.prompt()
+
+
+def test_a_prefilled_answer_with_thinking_is_refused() -> None:
+    prefill = [ASK, {"role": "assistant", "content": "It is"}]
+    assert _messages(messages=prefill).prompt().prefill == "It is"
+    with pytest.raises(InvalidRequest):
+        _messages(messages=prefill, thinking={"type": "adaptive"}).prompt()
 
 
 def test_images_are_still_refused_inside_tool_results() -> None:

@@ -119,6 +119,10 @@ class _MessagesFields(StrictBody):
             raise InvalidRequest("The last assistant message calls tools: send their results "
                                  "as tool_result blocks in a user message after it.",
                                  param=f"messages.{len(self.messages) - 1}.content")
+        if last.role == "assistant" and self.thinking and self.thinking.type != "disabled":
+            raise InvalidRequest("A trailing assistant message (a prefilled answer) cannot be "
+                                 "combined with thinking; disable thinking or end with a user "
+                                 "message.", param="thinking")
         if last.role == "assistant":
             return Prompt(messages=tuple(merged[:-1]), prefill=last.content.rstrip())
         return Prompt(messages=tuple(merged))
