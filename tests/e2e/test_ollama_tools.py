@@ -3,8 +3,10 @@
 `<tool_call>` output, `enable_thinking`) and under its own template (the generic convention).
 
 Ollama has no tool_choice: the model may call a tool or answer. A conversation that already
-holds one call and its result (Ollama's shape: arguments as an object, a `tool` message naming
-its tool) leads the small model to call again for the next question."""
+holds a call in Ollama's shape (arguments as an object) for the same kind of question leads the
+small model to call again: under the generic convention after the call's result (a `tool`
+message naming its tool); under Hermes right after the call (there, a result in the history
+leads it to copy the `<tool_response>` instead)."""
 
 from __future__ import annotations
 
@@ -23,14 +25,16 @@ HERMES_MODEL = "hermes-tools"
 MODELS = {"hermes": HERMES_MODEL, "generic": MODEL}
 TOOLS = [{"type": "function", "function": WEATHER}]
 GREEDY = {"temperature": 0, "num_predict": 120}
-HISTORY = [
-    {"role": "user", "content": "What is the weather in Paris?"},
-    {"role": "assistant", "content": "",
-     "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-    {"role": "tool", "tool_name": "get_weather", "content": '{"temperature_c": 18}'},
-    {"role": "assistant", "content": "It is 18 C in Paris."},
-    {"role": "user", "content": "What is the weather in Rome?"},
-]
+ASK_PARIS = {"role": "user", "content": "What is the weather in Paris?"}
+ASK_ROME = {"role": "user", "content": "What is the weather in Rome?"}
+CALL_PARIS = {"role": "assistant", "content": "",
+              "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+HISTORIES = {
+    "hermes": [ASK_PARIS, CALL_PARIS, ASK_ROME],
+    "generic": [ASK_PARIS, CALL_PARIS,
+                {"role": "tool", "tool_name": "get_weather", "content": '{"temperature_c": 18}'},
+                ASK_ROME],
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,8 @@ def oc(srv: Server) -> ollama.Client:
 
 @pytest.mark.parametrize("fmt", ["hermes", "generic"])
 def test_tool_calls_come_as_objects_streamed_and_not(oc: ollama.Client, fmt: str) -> None:
-    whole = oc.chat(model=MODELS[fmt], messages=HISTORY, tools=TOOLS, options=GREEDY)
+    history = HISTORIES[fmt]
+    whole = oc.chat(model=MODELS[fmt], messages=history, tools=TOOLS, options=GREEDY)
     calls = whole.message.tool_calls
     assert calls, whole.message.content
     assert calls[0].function.name == "get_weather"
@@ -57,7 +62,7 @@ def test_tool_calls_come_as_objects_streamed_and_not(oc: ollama.Client, fmt: str
     assert "<tool_call>" not in whole.message.content
     assert '"tool_calls"' not in whole.message.content
 
-    parts = list(oc.chat(model=MODELS[fmt], messages=HISTORY, tools=TOOLS, options=GREEDY,
+    parts = list(oc.chat(model=MODELS[fmt], messages=history, tools=TOOLS, options=GREEDY,
                          stream=True))
     with_calls = [p for p in parts if p.message.tool_calls]
     assert with_calls and not with_calls[0].done  # a call goes out when it is complete
@@ -89,12 +94,14 @@ def test_show_lists_what_each_model_can_do(oc: ollama.Client) -> None:
     assert {"completion", "tools", "thinking"} <= set(hermes)
     assert "embedding" not in plain + hermes
     with pytest.raises(ollama.ResponseError) as err:
-        oc.chat(model=MODEL, messages=HISTORY[:1], think=True)
+        oc.chat(model=MODEL, messages=[ASK_PARIS], think=True)
     assert err.value.status_code == 400 and "thinking" in err.value.error
 
 
 def test_a_tool_with_an_invalid_schema_is_a_400_naming_it(oc: ollama.Client) -> None:
-    bad = [{"type": "function", "function": {**WEATHER, "parameters": {"type": 123}}}]
+    # (the client itself checks the top level; a property's type it takes as any string)
+    schema = {"type": "object", "properties": {"city": {"type": "strin"}}}
+    bad = [{"type": "function", "function": {**WEATHER, "parameters": schema}}]
     with pytest.raises(ollama.ResponseError) as err:
-        oc.chat(model=MODEL, messages=HISTORY[:1], tools=bad)
+        oc.chat(model=MODEL, messages=[ASK_PARIS], tools=bad)
     assert err.value.status_code == 400 and "get_weather" in err.value.error
