@@ -123,15 +123,16 @@ def test_count_tokens_matches_the_prompt_of_a_message(ac: anthropic.Anthropic) -
     assert counted.input_tokens == m.usage.input_tokens + m.usage.cache_read_input_tokens
 
 
-def test_unsupported_blocks_and_tools_are_refused(ac: anthropic.Anthropic) -> None:
+def test_images_and_invalid_tools_are_refused(ac: anthropic.Anthropic) -> None:
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": "iVBORw0KGgo="}}
     with pytest.raises(anthropic.BadRequestError) as err:
         create(ac, messages=[{"role": "user", "content": [image]}])
     assert "image" in err.value.message
-    tool = {"name": "f", "description": "d", "input_schema": {"type": "object"}}
-    with pytest.raises(anthropic.BadRequestError):
+    tool = {"name": "lookup", "description": "d", "input_schema": {"type": 123}}
+    with pytest.raises(anthropic.BadRequestError) as err:
         create(ac, tools=[tool])
+    assert "lookup" in err.value.message
 
 
 def test_unknown_model_is_a_not_found_error(ac: anthropic.Anthropic) -> None:

@@ -7,9 +7,9 @@ from pydantic import ValidationError
 
 from pensieve.api.anthropic.protocol import MessagesRequest
 from pensieve.api.generation import ResponseFormat, Timings, Turn
+from pensieve.api.ollama.capabilities import fim_token_ids
 from pensieve.api.ollama.go_template import render_go_template
 from pensieve.api.ollama.protocol import GenerateRequest, Options
-from pensieve.api.ollama.routes import fim_token_ids
 from pensieve.engine.detokenizer import IncrementalDetokenizer
 from pensieve.errors import InvalidRequest
 

@@ -121,6 +121,13 @@ def render_turn(role: str, content: str, calls: tuple[ToolCall, ...],
     return {"role": role, "content": json.dumps({"tool_calls": past})}
 
 
+def arguments_object(arguments: str) -> dict[str, Any]:
+    """A call's arguments as a JSON object, for families that send them as one (Anthropic's
+    `input`, Ollama's `arguments`); arguments that are not an object come as `arguments`."""
+    value = _loads_or_text(arguments)
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
 def _loads_or_text(text: str) -> Any:
     try:
         return json.loads(text)

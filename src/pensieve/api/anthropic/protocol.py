@@ -3,14 +3,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pensieve.api.anthropic.content import (
+    MAX_TEXT,
+    Block,
+    TextBlock,
+    assistant_turn,
+    blocks_text,
+    merge_same_role,
+    user_turns,
+)
 from pensieve.api.base import StrictBody
 from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
 from pensieve.api.sampling_fields import RepetitionFields, sent_fields
+from pensieve.api.tools import ToolDef, ToolSpec
+from pensieve.api.tools import validate as validate_tools
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.sampling import BOUNDS
@@ -19,42 +29,56 @@ from pensieve.sampling import BOUNDS
 _RENAMES = {"stop_sequences": "stop"}
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
-MAX_TEXT = 1 << 24
-
-
-class TextBlock(StrictBody):
-    type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT)
-    cache_control: dict[str, Any] | None = None  # Pensieve remembers every prompt anyway
-
-
-class OtherBlock(StrictBody):
-    """Blocks a text-only model without tools cannot take; refused with a clear message."""
-
-    type: Literal["image", "document", "tool_use", "tool_result", "thinking",
-                  "redacted_thinking", "server_tool_use", "web_search_tool_result",
-                  "search_result", "container_upload"]
-
-
-Block = Annotated[TextBlock | OtherBlock, Field(discriminator="type")]
-
-
-def _blocks_text(content: str | Sequence[Block], param: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if not isinstance(block, TextBlock):
-            raise InvalidRequest(f"Content blocks of type {block.type!r} are not supported: "
-                                 "this model reads text only and no tools are served. Send "
-                                 "text blocks.", param=param, code="unsupported_content")
-        parts.append(block.text)
-    return "".join(parts)
+MIN_THINKING_BUDGET = 1024  # Anthropic's floor for budget_tokens
+# Anthropic's effort levels, as the reasoning_effort a chat template knows.
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
 class Message(StrictBody):
     role: Literal["user", "assistant"]
     content: str | list[Block] = Field(max_length=MAX_TEXT)
+
+
+class ToolParam(StrictBody):
+    """A client tool: the model calls it, the client runs it. Server tools (web search, code
+    execution, ...) would run on Anthropic's side: refused."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_server_tools(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind not in (None, "custom"):
+            raise ValueError(f"tools of type {kind!r} run on Anthropic's servers and are not "
+                             "available here; send client tools (name, description, "
+                             "input_schema)")
+        return data
+
+
+class ToolChoice(StrictBody):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class Thinking(StrictBody):
+    """Extended thinking: `enabled` (with a budget), `adaptive` (the model decides) or
+    `disabled`; passed to the chat template as `enable_thinking`."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=MIN_THINKING_BUDGET, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Thinking:
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise ValueError("thinking of type 'enabled' needs budget_tokens (at least "
+                             f"{MIN_THINKING_BUDGET})")
+        return self
 
 
 class _MessagesFields(StrictBody):
@@ -63,45 +87,65 @@ class _MessagesFields(StrictBody):
     model: str = Field(min_length=1, max_length=512)
     messages: list[Message] = Field(min_length=1, max_length=4096)
     system: str | list[TextBlock] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
+    tools: list[ToolParam] | None = Field(None, max_length=512)
+    tool_choice: ToolChoice | None = None
+    thinking: Thinking | None = None
 
     @model_validator(mode="after")
-    def _check_unsupported(self) -> _MessagesFields:
-        if self.tools:
-            raise ValueError("tool use is not supported yet; send no tools")
-        if self.thinking and self.thinking.get("type") not in (None, "disabled"):
-            raise ValueError("extended thinking is not supported by this model; leave it "
-                             "disabled")
+    def _check_conversation(self) -> _MessagesFields:
         if self.messages[0].role != "user":
             raise ValueError("the first message must use the 'user' role")
+        choice = self.tool_choice
+        if choice is not None and choice.type in ("any", "tool") and not self.tools:
+            raise ValueError(f"tool_choice {choice.type!r} needs tools")
+        names = [t.name for t in self.tools or ()]
+        if choice is not None and choice.type == "tool" and choice.name not in names:
+            raise ValueError(f"tool_choice names {choice.name!r}, which is not among the tools")
         return self
 
     def prompt(self) -> Prompt:
-        """The conversation; a trailing assistant turn is the start of the answer."""
-        system = _blocks_text(self.system, "system") if self.system is not None else ""
+        """The conversation; a trailing assistant turn (text only) starts the answer."""
+        system = blocks_text(self.system, "system") if self.system is not None else ""
         turns = [Turn("system", system)] if system else []
         for i, m in enumerate(self.messages):
-            turns.append(Turn(m.role, _blocks_text(m.content, f"messages.{i}.content")))
-        merged = _merge_same_role(turns)
-        if merged[-1].role == "assistant":
-            return Prompt(messages=tuple(merged[:-1]), prefill=merged[-1].content.rstrip())
+            param = f"messages.{i}.content"
+            if m.role == "user":
+                turns.extend(user_turns(m.content, param))
+            else:
+                turns.append(assistant_turn(m.content, param))
+        merged = merge_same_role(turns)
+        last = merged[-1]
+        if last.role == "assistant" and last.tool_calls:
+            raise InvalidRequest("The last assistant message calls tools: send their results "
+                                 "as tool_result blocks in a user message after it.",
+                                 param=f"messages.{len(self.messages) - 1}.content")
+        if last.role == "assistant" and self.thinking and self.thinking.type != "disabled":
+            raise InvalidRequest("A trailing assistant message (a prefilled answer) cannot be "
+                                 "combined with thinking; disable thinking or end with a user "
+                                 "message.", param="thinking")
+        if last.role == "assistant":
+            return Prompt(messages=tuple(merged[:-1]), prefill=last.content.rstrip())
         return Prompt(messages=tuple(merged))
 
+    def tool_spec(self) -> ToolSpec | None:
+        """The offered tools (validated even when tool_choice hides them)."""
+        defs = tuple(ToolDef(t.name, t.description or "", t.input_schema)
+                     for t in self.tools or ())
+        validate_tools(defs, "tools")
+        choice = self.tool_choice or ToolChoice(type="auto")
+        if not defs or choice.type == "none":
+            return None
+        name = {"auto": "auto", "any": "required"}.get(choice.type, choice.name or "")
+        return ToolSpec(defs, name, not choice.disable_parallel_tool_use)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        if self.thinking is None:
+            return {}
+        return {"enable_thinking": self.thinking.type != "disabled"}
+
     def count_request(self) -> GenerationRequest:
-        return GenerationRequest(self.model, SamplingParams(), (self.prompt(),))
-
-
-def _merge_same_role(turns: list[Turn]) -> list[Turn]:
-    """Consecutive turns of one role become one, as the Messages API specifies."""
-    merged: list[Turn] = []
-    for turn in turns:
-        if merged and merged[-1].role == turn.role:
-            merged[-1] = Turn(turn.role, merged[-1].content + "\n\n" + turn.content)
-        else:
-            merged.append(turn)
-    return merged
+        return GenerationRequest(self.model, SamplingParams(), (self.prompt(),),
+                                 tools=self.tool_spec(), template_kwargs=self.template_kwargs())
 
 
 class JsonOutputFormat(StrictBody):
@@ -110,7 +154,8 @@ class JsonOutputFormat(StrictBody):
 
 
 class OutputConfig(StrictBody):
-    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # no effect here
+    # Given to the chat template as reasoning_effort (xhigh and max as "high").
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     format: JsonOutputFormat | None = None
 
 
@@ -137,11 +182,22 @@ class MessagesRequest(_MessagesFields, RepetitionFields):
     output_config: OutputConfig | None = None
 
     @model_validator(mode="after")
-    def _check_stops(self) -> MessagesRequest:
+    def _check_stops_and_budget(self) -> MessagesRequest:
         stops = self.stop_sequences or []
         if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
             raise ValueError(f"stop sequences must hold 1 to {MAX_STOP_LENGTH} characters")
+        budget = self.thinking.budget_tokens if self.thinking else None
+        if budget is not None and budget >= self.max_tokens:
+            raise ValueError(f"thinking.budget_tokens ({budget}) must be less than max_tokens "
+                             f"({self.max_tokens}), which counts thinking and answer together")
         return self
+
+    def template_kwargs(self) -> dict[str, Any]:
+        kwargs = super().template_kwargs()
+        effort = self.output_config.effort if self.output_config else None
+        if effort is not None:
+            kwargs["reasoning_effort"] = _EFFORTS[effort]
+        return kwargs
 
     def to_generate(self) -> GenerationRequest:
         params = SamplingParams(
@@ -160,7 +216,8 @@ class MessagesRequest(_MessagesFields, RepetitionFields):
         response_format = ResponseFormat("json_schema", fmt.schema_) if fmt else None
         sent = sent_fields(self.model_fields_set, _RENAMES)  # max_tokens: always sent
         return GenerationRequest(self.model, params, (self.prompt(),), sent,
-                                 response_format, id_prefix="msg_")
+                                 response_format, self.tool_spec(), id_prefix="msg_",
+                                 template_kwargs=self.template_kwargs())
 
 
 class CountTokensRequest(_MessagesFields):

@@ -22,6 +22,7 @@ from pydantic import Field
 from starlette.requests import ClientDisconnect
 
 from pensieve.api.base import StrictBody, parse_body
+from pensieve.api.ollama.capabilities import capabilities
 from pensieve.errors import InvalidRequest, NotFound, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel, resident_bytes
 from pensieve.store import describe
@@ -134,7 +135,8 @@ def _show_payload(served: ServedModel, manifest: Manifest | None,
             "modelfile": describe.modelfile(served.name, served.defaults, info),
             "parameters": describe.parameters_text(served.defaults), "template": template,
             "system": served.defaults.system or "", "details": describe.details(info),
-            "model_info": describe.model_info(info), "capabilities": ["completion"],
+            "model_info": describe.model_info(info),
+            "capabilities": capabilities(template, info.metadata),
             "modified_at": _iso(created), "summary": describe.summary(info)}
 
 

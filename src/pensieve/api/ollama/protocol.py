@@ -10,7 +10,10 @@ from pydantic import Field, field_validator, model_validator
 
 from pensieve.api.base import StrictBody
 from pensieve.api.generation import GenerationRequest, Prompt, ResponseFormat, Turn
+from pensieve.api.ollama.capabilities import can_think
 from pensieve.api.sampling_fields import RepetitionFields, sent_fields
+from pensieve.api.tools import ToolCall, ToolDef, ToolSpec
+from pensieve.api.tools import validate as validate_tools
 from pensieve.engine.types import SamplingParams
 from pensieve.errors import InvalidRequest
 from pensieve.store.durations import parse_keep_alive
@@ -145,9 +148,6 @@ class _GenerateFields(StrictBody):
         return value
 
     def check_supported(self) -> None:
-        if self.think not in (None, False):
-            raise InvalidRequest(f"{self.model!r} does not support thinking", param="think",
-                                 code="unsupported_feature")
         if self.logprobs or self.top_logprobs:
             raise InvalidRequest("logprobs are not supported on the Ollama API here; use "
                                  "/v1/chat/completions", param="logprobs",
@@ -157,12 +157,32 @@ class _GenerateFields(StrictBody):
     def response_format(self) -> ResponseFormat | None:
         return parse_format(self.format)
 
+    def check_thinking(self, template: str | None) -> None:
+        """`think` asks for reasoning: a 400 for a model whose template knows none (as Ollama
+        answers)."""
+        if self.think not in (None, False) and not can_think(template):
+            raise InvalidRequest(f"{self.model!r} does not support thinking", param="think",
+                                 code="unsupported_feature")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """`think` for the chat template: `enable_thinking`, and a level as
+        `reasoning_effort`."""
+        if self.think is None:
+            return {}
+        if isinstance(self.think, str):
+            return {"enable_thinking": True, "reasoning_effort": self.think}
+        return {"enable_thinking": self.think}
+
+    def tool_spec(self) -> ToolSpec | None:
+        return None
+
     def to_generate(self, prompt: Prompt, n_ctx: int, id_prefix: str) -> GenerationRequest:
         """The request for `prompt`; `n_ctx` (the model's per-sequence context) sizes
         `repeat_last_n: -1`."""
         return GenerationRequest(self.model, self.options.to_sampling_params(n_ctx), (prompt,),
-                               self.options.sent(), self.response_format,
-                               keep_alive=self.keep_alive, id_prefix=id_prefix)
+                                 self.options.sent(), self.response_format, self.tool_spec(),
+                                 keep_alive=self.keep_alive, id_prefix=id_prefix,
+                                 template_kwargs=self.template_kwargs())
 
 
 
@@ -172,31 +192,84 @@ def refuse_images(images: list[Any] | None, param: str) -> None:
                              param=param, code="unsupported_content")
 
 
+class OllamaFunction(StrictBody):
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class OllamaTool(StrictBody):
+    type: Literal["function"] = "function"
+    function: OllamaFunction
+
+
+class CalledFunction(StrictBody):
+    name: str = Field(min_length=1, max_length=128)
+    arguments: dict[str, Any] | str = Field(default_factory=dict)  # Ollama's: an object
+    index: int | None = None
+
+
+class OllamaToolCall(StrictBody):
+    id: str | None = Field(None, max_length=256)
+    type: Literal["function"] | None = None
+    function: CalledFunction
+
+    def to_call(self, default_id: str) -> ToolCall:
+        args = self.function.arguments
+        text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        return ToolCall(self.id or default_id, self.function.name, text)
+
+
 class OllamaMessage(StrictBody):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field("", max_length=1 << 24)
     images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
-    thinking: str | None = None
+    tool_calls: list[OllamaToolCall] | None = Field(None, max_length=256)
+    thinking: str | None = None  # past reasoning: dropped from the prompt
     tool_name: str | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
 
-    def to_message(self) -> Turn:
-        refuse_images(self.images, "messages.images")
-        if self.tool_calls:
-            raise InvalidRequest("Tool calls are not supported yet.",
-                                 param="messages.tool_calls", code="unsupported_feature")
-        return Turn(self.role, self.content)
+
+def chat_turns(messages: list[OllamaMessage]) -> tuple[Turn, ...]:
+    """The conversation. Ollama's calls often carry no ids: such a call gets `call_<m>_<k>`,
+    and a result without `tool_call_id` answers the first unanswered call of the last
+    assistant turn that has its `tool_name` (or the first unanswered one)."""
+    turns: list[Turn] = []
+    waiting: list[ToolCall] = []  # calls of the last assistant turn not yet answered
+    for i, m in enumerate(messages):
+        refuse_images(m.images, f"messages.{i}.images")
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidRequest("Only assistant messages can hold tool_calls.",
+                                 param=f"messages.{i}.tool_calls")
+        if m.tool_calls:
+            calls = tuple(c.to_call(f"call_{i}_{k}") for k, c in enumerate(m.tool_calls))
+            waiting = list(calls)
+            turns.append(Turn("assistant", m.content, calls))
+        elif m.role == "tool":
+            call_id = m.tool_call_id or _answered(waiting, m.tool_name)
+            turns.append(Turn("tool", m.content, tool_call_id=call_id))
+        else:
+            turns.append(Turn(m.role, m.content))
+    return tuple(turns)
+
+
+def _answered(waiting: list[ToolCall], name: str | None) -> str | None:
+    for k, call in enumerate(waiting):
+        if name is None or call.name == name:
+            return waiting.pop(k).id
+    return None
 
 
 class ChatRequest(_GenerateFields):
     messages: list[OllamaMessage] = Field(default_factory=list, max_length=4096)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[OllamaTool] | None = Field(None, max_length=512)
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.tools:
-            raise InvalidRequest("Tool calling is not supported yet; send no tools.",
-                                 param="tools", code="unsupported_feature")
+    def tool_spec(self) -> ToolSpec | None:
+        """The offered tools; Ollama has no tool_choice: the model may call them or answer."""
+        defs = tuple(ToolDef(t.function.name, t.function.description or "",
+                             t.function.parameters) for t in self.tools or ())
+        validate_tools(defs, "tools")
+        return ToolSpec(defs) if defs else None
 
 
 class GenerateRequest(_GenerateFields):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,15 +21,20 @@ from pensieve.api.generation import (
     Finished,
     Generation,
     Prompt,
+    ReasoningDelta,
     TextDelta,
+    ToolCallEvent,
     Turn,
+    chat_template,
     open_model,
     render_prompt,
     start,
 )
+from pensieve.api.ollama.capabilities import fim_token_ids
 from pensieve.api.ollama.go_template import render_go_template
-from pensieve.api.ollama.protocol import ChatRequest, GenerateRequest
+from pensieve.api.ollama.protocol import ChatRequest, GenerateRequest, chat_turns
 from pensieve.api.streaming import NDJSON, ReleasingStreamingResponse, ndjson, until_disconnect
+from pensieve.api.tools import ToolCall, arguments_object
 from pensieve.engine.types import ModelInfo
 from pensieve.errors import InvalidRequest, PensieveError
 from pensieve.runtime import ModelRuntime, ServedModel
@@ -38,7 +44,6 @@ router = APIRouter(tags=["ollama"])
 # The Ollama release whose API these routes follow; clients gate features on it.
 OLLAMA_API_VERSION = "0.12.0"
 CACHED_TOKENS_HEADER = "X-Pensieve-Cached-Tokens"
-_FIM_KEYS = (("fim_pre", "prefix"), ("fim_suf", "suffix"), ("fim_mid", "middle"))
 # The one table from a finish to Ollama's done_reason.
 DONE_REASONS = {Finish.END: "stop", Finish.STOP_STRING: "stop", Finish.LENGTH: "length",
                 Finish.TOOL_CALLS: "stop", Finish.ABORT: "stop", Finish.ERROR: "stop"}
@@ -63,7 +68,9 @@ async def _open(request: Request, body: ChatRequest | GenerateRequest
     """Check a parsed chat or generate body, then load its model with its keep_alive."""
     body.warn_unknown_fields()
     body.check_supported()
-    return await open_model(_runtime(request), body.model, body.keep_alive)
+    served, info = await open_model(_runtime(request), body.model, body.keep_alive)
+    body.check_thinking(chat_template(info, served.defaults).source)
+    return served, info
 
 
 # --- chat ------------------------------------------------------------------------------------
@@ -74,13 +81,16 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse:
     if not body.messages:  # Ollama's way to load a model: answer at once, done_reason "load"
         return JSONResponse({**_head(served), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
-    prompt = Prompt(messages=tuple(m.to_message() for m in body.messages))
+    prompt = Prompt(messages=chat_turns(body.messages))
     gen = await start(_runtime(request), body.to_generate(prompt, info.n_ctx_seq, "ollama-chat-"))
+    pieces = _Pieces("chat", body.think is not False)
     if body.stream:
-        return ReleasingStreamingResponse(_stream(gen, "chat"), gen.aclose, media_type=NDJSON)
+        return ReleasingStreamingResponse(_stream(gen, pieces), gen.aclose, media_type=NDJSON)
     choice = (await until_disconnect(request, gen.collect()))[0]
-    reply = {**_head(served), "message": {"role": "assistant", "content": choice.text},
-             **_final_fields(gen, choice.finish)}
+    piece = pieces.message(choice.text, choice.reasoning)
+    if choice.tool_calls:
+        piece["message"]["tool_calls"] = [_tool_call(k, c) for k, c in enumerate(choice.tool_calls)]
+    reply = {**_head(served), **piece, **_final_fields(gen, choice.finish)}
     return JSONResponse(reply, headers=_cache_header(gen))
 
 
@@ -93,13 +103,15 @@ async def generate(request: Request) -> JSONResponse | StreamingResponse:
         return JSONResponse({**_head(served), "response": "", "done": True,
                              "done_reason": "load"})
     tokens = await _generate_tokens(served, info, body)
-    prompt = Prompt(tokens=tuple(tokens))
+    prompt = _generate_prompt(body, tokens)
     gen = await start(_runtime(request), body.to_generate(prompt, info.n_ctx_seq, "ollama-gen-"))
+    pieces = _Pieces("generate", body.think is not False)
     if body.stream:
-        return ReleasingStreamingResponse(_stream(gen, "generate"), gen.aclose, media_type=NDJSON)
+        return ReleasingStreamingResponse(_stream(gen, pieces, tokens), gen.aclose,
+                                          media_type=NDJSON)
     choice = (await until_disconnect(request, gen.collect()))[0]
-    reply = {**_head(served), "response": choice.text, **_final_fields(gen, choice.finish),
-             "context": tokens + choice.token_ids}
+    reply = {**_head(served), **pieces.message(choice.text, choice.reasoning),
+             **_final_fields(gen, choice.finish), "context": tokens + choice.token_ids}
     return JSONResponse(reply, headers=_cache_header(gen))
 
 
@@ -114,12 +126,25 @@ async def _generate_tokens(served: ServedModel, info: ModelInfo,
     elif body.template is not None:
         prompt = render_go_template(body.template, body.system or "", body.prompt)
     else:
-        system = (Turn("system", body.system),) if body.system else ()
-        chat = Prompt(messages=(*system, Turn("user", body.prompt)))
-        prompt = render_prompt(info, chat, defaults=served.defaults)
+        prompt = render_prompt(info, _generate_chat(body), defaults=served.defaults,
+                               template_kwargs=body.template_kwargs())
     if body.context:
         return list(body.context) + await client.tokenize(prompt, add_special=False)
     return await client.tokenize(prompt, add_special=True)
+
+
+def _generate_chat(body: GenerateRequest) -> Prompt:
+    system = (Turn("system", body.system),) if body.system else ()
+    return Prompt(messages=(*system, Turn("user", body.prompt)))
+
+
+def _generate_prompt(body: GenerateRequest, tokens: list[int]) -> Prompt:
+    """The prompt's tokens; with `think`, a templated prompt goes as chat messages instead
+    (the same tokens), so that the reply's reasoning is read apart from the response."""
+    if body.think and not (body.raw or body.template is not None or body.context
+                           or body.suffix):
+        return _generate_chat(body)
+    return Prompt(tokens=tuple(tokens))
 
 
 async def _fill_in_the_middle(served: ServedModel, info: ModelInfo,
@@ -134,18 +159,6 @@ async def _fill_in_the_middle(served: ServedModel, info: ModelInfo,
     prefix = await served.client.tokenize(body.prompt, add_special=False)
     suffix = await served.client.tokenize(body.suffix or "", add_special=False)
     return [pre, *prefix, suf, *suffix, mid]
-
-
-def fim_token_ids(metadata: dict[str, str]) -> tuple[int, int, int] | None:
-    """The model's fill-in-the-middle tokens (prefix, suffix, middle), if its GGUF names them."""
-    ids: list[int] = []
-    for new, old in _FIM_KEYS:
-        value = metadata.get(f"tokenizer.ggml.{new}_token_id",
-                             metadata.get(f"tokenizer.ggml.{old}_token_id"))
-        if value is None or not value.lstrip("-").isdigit() or int(value) < 0:
-            return None
-        ids.append(int(value))
-    return ids[0], ids[1], ids[2]
 
 
 # --- shared ----------------------------------------------------------------------------------
@@ -167,27 +180,49 @@ def _cache_header(gen: Generation) -> dict[str, str]:
     return {CACHED_TOKENS_HEADER: str(gen.usage.num_cached_tokens)}
 
 
-async def _stream(gen: Generation, kind: str) -> AsyncIterator[bytes]:
+async def _stream(gen: Generation, pieces: _Pieces,
+                  prompt_tokens: list[int] | None = None) -> AsyncIterator[bytes]:
     head = {"model": gen.model}
-    tokens = list(gen.prompt_tokens or ())
+    tokens = list(prompt_tokens or ())
     try:
         async for event in gen.events():
+            piece: dict[str, Any] | None = None
             if isinstance(event, TextDelta):
                 tokens.extend(event.token_ids)
-                if event.text:
-                    yield ndjson({**head, "created_at": _now(), **_piece(kind, event.text),
-                                  "done": False})
+                piece = pieces.message(event.text) if event.text else None
+            elif isinstance(event, ReasoningDelta) and pieces.with_thinking:
+                piece = pieces.message("", event.text)
+            elif isinstance(event, ToolCallEvent):  # Ollama sends each call whole
+                piece = pieces.message("")
+                piece["message"]["tool_calls"] = [_tool_call(event.position, event.call)]
             elif isinstance(event, Finished):
-                final = {**head, "created_at": _now(), **_piece(kind, ""),
+                final = {**head, "created_at": _now(), **pieces.message(""),
                          **_final_fields(gen, event.reason)}
-                if kind == "generate":
+                if pieces.kind == "generate":
                     final["context"] = tokens
                 yield ndjson(final)
+            if piece is not None:
+                yield ndjson({**head, "created_at": _now(), **piece, "done": False})
     except PensieveError as exc:
         yield ndjson(error_payload(ApiFamily.OLLAMA, exc.status_code, exc.message))
 
 
-def _piece(kind: str, text: str) -> dict[str, Any]:
-    if kind == "chat":
-        return {"message": {"role": "assistant", "content": text}}
-    return {"response": text}
+@dataclass(frozen=True, slots=True)
+class _Pieces:
+    """How a reply's text goes out: chat's `message` or generate's `response`, with its
+    reasoning as `thinking` unless the request turned thinking off."""
+
+    kind: str  # "chat" or "generate"
+    with_thinking: bool
+
+    def message(self, text: str, thinking: str = "") -> dict[str, Any]:
+        extra = {"thinking": thinking} if thinking and self.with_thinking else {}
+        if self.kind == "chat":
+            return {"message": {"role": "assistant", "content": text, **extra}}
+        return {"response": text, **extra}
+
+
+def _tool_call(position: int, call: ToolCall) -> dict[str, Any]:
+    """A call as Ollama writes it: the arguments as an object."""
+    return {"id": call.id, "function": {"index": position, "name": call.name,
+                                        "arguments": arguments_object(call.arguments)}}
