@@ -41,7 +41,7 @@ def ac(srv: Server) -> anthropic.Anthropic:
 
 def _stream(ac: anthropic.Anthropic, **kwargs: object) -> tuple[list, anthropic.types.Message]:
     """The raw events of one streamed message, and the message the SDK built from them."""
-    with ac.messages.stream(max_tokens=200, extra_body=GREEDY, **kwargs) as stream:
+    with ac.messages.stream(**{"max_tokens": 200, "extra_body": GREEDY, **kwargs}) as stream:
         events = [e for e in stream if e.type in
                   ("content_block_start", "content_block_delta", "content_block_stop")]
         return events, stream.get_final_message()
@@ -101,12 +101,13 @@ def test_claude_code_style_tool_loop_streamed(ac: anthropic.Anthropic, fmt: str)
 
 
 def test_named_tool_choice_answers_with_a_tool_use_block(ac: anthropic.Anthropic) -> None:
+    choice = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
     m = ac.messages.create(model=HERMES_MODEL, max_tokens=200, messages=ASK, tools=[TOOL],
-                           tool_choice={"type": "tool", "name": "get_weather"},
-                           extra_body=GREEDY)
+                           tool_choice=choice, extra_body=GREEDY)
     assert m.stop_reason == "tool_use"
-    calls = _blocks(m, "tool_use")
-    assert calls and all(c.name == "get_weather" and c.id.startswith("toolu_") for c in calls)
+    (call,) = _blocks(m, "tool_use")
+    assert call.name == "get_weather" and call.id.startswith("toolu_")
+    assert isinstance(call.input["city"], str)
     assert not _blocks(m, "text")
 
 
