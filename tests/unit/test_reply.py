@@ -197,3 +197,10 @@ def test_detect_formats_from_templates() -> None:
     assert tool_formats.detect("{{ tools }}<|python_tag|>").name == "llama3"
     assert tool_formats.detect("<|im_start|>{{ m }}") is GENERIC
     assert tool_formats.detect(None) is GENERIC
+
+
+def test_white_space_around_reasoning_is_dropped() -> None:
+    got = _every_split(None, "<think>\nhmm, 4 \n</think>\n\nFour.")
+    assert (got["reasoning"], got["content"]) == ("hmm, 4", "Four.")
+    got = _every_split(None, "\n  a b\n</think>c", opened=True)
+    assert (got["reasoning"], got["content"]) == ("a b", "c")

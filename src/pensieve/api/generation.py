@@ -301,7 +301,7 @@ def _output_grammar(request: GenerationRequest, raw: str | None,
     if spec is not None and fmt is not None:
         if raw is not None or fmt_ is not None:
             raise InvalidRequest("grammar and JSON response_format cannot be combined with "
-                                 "tools; send tool_choice 'none' or drop them.", param="tools")
+                                 "tools: send one or the other.", param="tools")
         lazy = spec.may_answer and fmt.native
         return fmt.grammar(spec), fmt.triggers() if lazy else ()
     if raw is not None and fmt_ is not None:

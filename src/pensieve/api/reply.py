@@ -105,6 +105,7 @@ class ReplyParser:
         self._sent: list[_Sent] = []
         self._markers = fmt.markers if fmt is not None else ()
         self._after_reasoning = False
+        self._reasoning_started = False
 
     @property
     def in_reasoning(self) -> bool:
@@ -133,7 +134,8 @@ class ReplyParser:
         if self._pending:
             text, self._pending = self._pending, ""
             if self._mode is _Mode.REASONING:
-                parts.append(Reasoning(text))
+                text = text.rstrip() if self._reasoning_started else text.strip()
+                parts.extend([Reasoning(text)] if text else [])
             elif self._mode is _Mode.START and self._after_reasoning:
                 parts.extend(_content(text.lstrip()))
             else:
@@ -147,19 +149,7 @@ class ReplyParser:
         if self._mode is _Mode.START:
             return self._start(parts)
         if self._mode is _Mode.REASONING:
-            assert self._think is not None
-            end = self._think[1]
-            k = self._pending.find(end)
-            if k < 0:
-                keep = _partial_suffix(self._pending, (end,))
-                text = self._pending[:len(self._pending) - keep]
-                self._pending = self._pending[len(text):]
-                parts.extend([Reasoning(text)] if text else [])
-                return False
-            parts.extend([Reasoning(self._pending[:k])] if k else [])
-            self._pending = self._pending[k + len(end):]
-            self._mode, self._after_reasoning = _Mode.START, True
-            return True
+            return self._reasoning(parts)
         # CONTENT: look for a call marker
         best = min(((k, m) for m in self._markers if (k := self._pending.find(m)) >= 0),
                    default=None)
@@ -173,6 +163,28 @@ class ReplyParser:
         parts.extend([Content(self._pending[:k])] if k else [])
         self._open_region(self._pending[k:], parts)
         return False
+
+    def _reasoning(self, parts: list[Part]) -> bool:
+        """Reasoning up to the end marker, without the white space around it (templates open
+        with `<think>\n`): leading white space is dropped, trailing held until text follows."""
+        assert self._think is not None
+        if not self._reasoning_started:
+            self._pending = self._pending.lstrip()
+            self._reasoning_started = bool(self._pending)
+        end = self._think[1]
+        k = self._pending.find(end)
+        if k < 0:
+            body = self._pending.rstrip()
+            keep = max(_partial_suffix(self._pending, (end,)), len(self._pending) - len(body))
+            text = self._pending[:len(self._pending) - keep]
+            self._pending = self._pending[len(text):]
+            parts.extend([Reasoning(text)] if text else [])
+            return False
+        text = self._pending[:k].rstrip()
+        parts.extend([Reasoning(text)] if text else [])
+        self._pending = self._pending[k + len(end):]
+        self._mode, self._after_reasoning = _Mode.START, True
+        return True
 
     def _start(self, parts: list[Part]) -> bool:
         body = self._pending.lstrip()
