@@ -174,9 +174,8 @@ class ReplyParser:
         end = self._think[1]
         k = self._pending.find(end)
         if k < 0:
-            body = self._pending.rstrip()
-            keep = max(_partial_suffix(self._pending, (end,)), len(self._pending) - len(body))
-            text = self._pending[:len(self._pending) - keep]
+            partial = _partial_suffix(self._pending, (end,))
+            text = self._pending[:len(self._pending) - partial].rstrip()
             self._pending = self._pending[len(text):]
             parts.extend([Reasoning(text)] if text else [])
             return False
