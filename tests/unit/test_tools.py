@@ -41,10 +41,13 @@ def test_tools_go_into_a_system_message() -> None:
     assert "send_mail" in messages[0]["content"]
 
 
-def test_named_choice_offers_only_that_tool_and_no_direct_answer() -> None:
+def test_the_choice_is_the_grammars_and_the_prompt_stays_the_same() -> None:
+    """`required` or a named tool constrain the grammar only: the prompt is the same under
+    every choice, so a conversation that switches (an agent asks `required`, then `auto`)
+    keeps its whole prefix in memory."""
     spec = _spec(tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    system = render_messages(spec)[0]["content"]
-    assert "send_mail" not in system and '"response"' not in system
+    assert render_messages(spec) == render_messages(_spec()) \
+        == render_messages(_spec(tool_choice="required"))
     gbnf = grammar(spec)
     assert "get_weather" in gbnf and "send_mail" not in gbnf and "response" not in gbnf
 

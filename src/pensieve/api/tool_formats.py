@@ -407,11 +407,12 @@ def detect(template: str | None) -> ToolFormat:
 
 
 def template_tools(spec: tools.ToolSpec) -> list[dict[str, Any]]:
-    """The offered tools in the shape Hugging Face chat templates expect."""
+    """The tools in the shape Hugging Face chat templates expect: all of them whatever the
+    choice (the grammar enforces it), so the prompt stays the same when the choice changes."""
     return [{"type": "function",
              "function": {"name": t.name, "description": t.description,
                           "parameters": t.parameters or {"type": "object", "properties": {}}}}
-            for t in spec.offered]
+            for t in spec.tools]
 
 
 def template_calls(calls: tuple[tools.ToolCall, ...]) -> list[dict[str, Any]]:

@@ -137,9 +137,11 @@ def _loads_or_text(text: str) -> Any:
 
 def _system_text(spec: ToolSpec) -> str:
     described = [{"name": t.name, "description": t.description,
-                  "parameters": t.parameters or {"type": "object"}} for t in spec.offered]
+                  "parameters": t.parameters or {"type": "object"}} for t in spec.tools]
+    # The same text whatever the choice (the grammar enforces it), so that a conversation that
+    # switches between `required` and `auto` keeps its prefix in memory.
     return _INSTRUCTIONS.format(tools="\n".join(json.dumps(t) for t in described),
-                                direct=_DIRECT if spec.may_answer else "")
+                                direct=_DIRECT)
 
 
 def grammar(spec: ToolSpec) -> str:
