@@ -93,5 +93,6 @@ def test_a_lazy_grammar_holds_only_from_its_trigger(engine: Engine) -> None:
     before, _, _ = lazy.partition("<tool_call>")
     assert before == free.partition("<tool_call>")[0]  # nothing constrained before the trigger
     region = fmt.parse(lazy[len(before):])
-    assert [c.name for c in region.calls] == ["lookup"] and region.calls[0].complete
+    # (the grammar allows parallel calls, and the model goes on copying the examples' lines)
+    assert {c.name for c in region.calls} == {"lookup"} and region.calls[0].complete
     assert "lookup" not in free  # the grammar, not the model, chose it
