@@ -53,9 +53,10 @@ def test_schema_output_streams_the_same_text(client: OpenAI) -> None:
 
 def test_json_object_gives_an_object(client: OpenAI) -> None:
     # json_object bounds no string, so a sample may run out of tokens mid-object; every one
-    # that finishes must be a whole object, and most do
+    # that finishes must be a whole object. On a fresh server 6 of these 10 finished (and 2 of
+    # the first 5, which made a bound over 5 seeds depend on what ran before on the server)
     finished = 0
-    for seed in range(1, 6):
+    for seed in range(1, 11):
         r = client.chat.completions.create(
             model=MODEL, temperature=0.8, seed=seed, max_tokens=200,
             messages=[{"role": "user", "content": "Describe a cat in JSON."}],
@@ -65,7 +66,7 @@ def test_json_object_gives_an_object(client: OpenAI) -> None:
         if choice.finish_reason == "stop":
             assert isinstance(json.loads(choice.message.content), dict)
             finished += 1
-    assert finished >= 2
+    assert finished >= 3
 
 
 @pytest.mark.parametrize(("schema", "keyword"), UNSUPPORTED)
