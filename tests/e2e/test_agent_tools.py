@@ -6,15 +6,13 @@ parsers meet them as real streamed tokens."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
 
-from tests.support.server import MODEL, Server, start_server, stop_server
-from tests.support.templates import HERMES, NATIVE, WEATHER, create_model
+from tests.support.server import MODEL, Server
+from tests.support.templates import HERMES, NATIVE, WEATHER
 
 pytestmark = pytest.mark.e2e
 
@@ -24,13 +22,8 @@ STYLES = [*NATIVE, "generic"]
 
 
 @pytest.fixture(scope="module")
-def srv(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("agents"), "--parallel", "4",
-                          "--ctx-size", "8192")
-    for style, template in NATIVE.items():
-        create_model(server.base_url, f"{style}-tools", MODEL, template)
-    yield server
-    stop_server(server)
+def srv(agent_server: Server) -> Server:
+    return agent_server
 
 
 @pytest.fixture(scope="module")

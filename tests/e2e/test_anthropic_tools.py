@@ -6,14 +6,12 @@ template (Pensieve's generic convention)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import pytest
 
-from tests.support.server import MODEL, Server, start_server, stop_server
-from tests.support.templates import HERMES, WEATHER, create_model
+from tests.support.server import MODEL, Server
+from tests.support.templates import WEATHER
 
 pytestmark = pytest.mark.e2e
 
@@ -26,11 +24,8 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def srv(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("anthropic-tools"), "--ctx-size", "8192")
-    create_model(server.base_url, HERMES_MODEL, MODEL, HERMES)
-    yield server
-    stop_server(server)
+def srv(agent_server: Server) -> Server:
+    return agent_server
 
 
 @pytest.fixture(scope="module")
