@@ -124,6 +124,21 @@ def partial_string(text: str) -> str:
     return str(value)
 
 
+def _key(text: str, i: int) -> tuple[str, int] | None:
+    """The object key at `text[i]` and where its value starts; None when cut off before it."""
+    if text[i] != '"':
+        raise Malformed(f"expected a key at {text[i:i + 20]!r}")
+    key_end = _string_end(text, i)
+    if key_end is None:
+        return None
+    key = json.loads(text[i:key_end])
+    j = _skip_ws(text, key_end)
+    if j < len(text) and text[j] != ":":
+        raise Malformed(f"expected ':' after {key!r}")
+    j = _skip_ws(text, j + 1)
+    return (key, j) if j < len(text) else None
+
+
 def _object(text: str, i: int, names: tuple[str, ...],
             args_keys: tuple[str, ...]) -> tuple[PartialCall, int | None]:
     """The call object that starts at `text[i] == '{'`, and the index after it (None: cut off)."""
@@ -141,20 +156,10 @@ def _object(text: str, i: int, names: tuple[str, ...],
         if text[j] == ",":
             j += 1
             continue
-        if text[j] != '"':
-            raise Malformed(f"expected a key at {text[j:j + 20]!r}")
-        key_end = _string_end(text, j)
-        if key_end is None:
+        entry = _key(text, j)
+        if entry is None:
             return call, None
-        key = json.loads(text[j:key_end])
-        j = _skip_ws(text, key_end)
-        if j >= len(text):
-            return call, None
-        if text[j] != ":":
-            raise Malformed(f"expected ':' after {key!r}")
-        j = _skip_ws(text, j + 1)
-        if j >= len(text):
-            return call, None
+        key, j = entry
         end = value_end(text, j)
         if key in names:
             if end is not None:
@@ -352,22 +357,10 @@ class Generic(ToolFormat):
         if region[i] != "{":
             raise Malformed("expected a JSON object")
         i = _skip_ws(region, i + 1)
-        if i >= len(region):
+        entry = _key(region, i) if i < len(region) else None
+        if entry is None:
             return out
-        key_end = _string_end(region, i) if region[i] == '"' else None
-        if region[i] != '"':
-            raise Malformed("expected a key")
-        if key_end is None:
-            return out
-        key = json.loads(region[i:key_end])
-        i = _skip_ws(region, key_end)
-        if i >= len(region):
-            return out
-        if region[i] != ":":
-            raise Malformed("expected ':'")
-        i = _skip_ws(region, i + 1)
-        if i >= len(region):
-            return out
+        key, i = entry
         if key == "response" and region[i] == '"':
             end = _string_end(region, i)
             body = region[i + 1:end - 1] if end is not None else region[i + 1:]
