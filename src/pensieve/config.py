@@ -17,11 +17,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from pensieve.engine.client import ClientLimits
-from pensieve.engine.devices import GpuConfig, list_gpus, usable_bytes
-from pensieve.engine.engine import EngineConfig
-from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
-from pensieve.memory.tiered import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
+from pensieve.engine.config import (
+    KV_CACHE_TYPES,
+    ClientLimits,
+    ContextConfig,
+    EngineConfig,
+    GpuConfig,
+)
+from pensieve.engine.devices import list_gpus, usable_bytes
+from pensieve.memory.config import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
 from pensieve.store.netguard import NetPolicy
 
 KvCacheTypeName = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32"]

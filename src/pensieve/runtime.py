@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pensieve.engine.client import ClientLimits, EngineClient, EngineObserver
+from pensieve.engine.client import EngineClient, EngineObserver
+from pensieve.engine.config import ClientLimits, EngineConfig
 from pensieve.engine.devices import kv_type_problem, model_shape, plan_placement
-from pensieve.engine.engine import EngineConfig
 from pensieve.errors import InvalidRequest, ModelNotFound, PensieveError
 from pensieve.store.durations import parse_keep_alive
 from pensieve.store.gguf import GgufInfo, read_gguf

@@ -14,14 +14,41 @@ numbers under bounds have no exponent), never looser: every output it allows val
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
-
 from pensieve.errors import InvalidRequest
+
+
+def _load_llama_grammar() -> ModuleType:
+    """llama-cpp-python's `llama_grammar` module, which is plain Python, loaded from its file:
+    `import llama_cpp.llama_grammar` would first run the package's `__init__`, which loads
+    libllama and numpy (~0.2 s), and the API process imports this module on the way to serving
+    while the model loads. The worker, which needs llama.cpp, imports the package normally."""
+    name = "pensieve._llama_grammar"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("llama_cpp")  # finds the package without running it
+    assert package is not None and package.submodule_search_locations is not None
+    path = Path(next(iter(package.submodule_search_locations))) / "llama_grammar.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_grammar = _load_llama_grammar()
+PRIMITIVE_RULES: dict[str, Any] = _grammar.PRIMITIVE_RULES
+if TYPE_CHECKING:
+    from llama_cpp.llama_grammar import BuiltinRule
 
 JSON_OBJECT_GRAMMAR = r"""root ::= object
 object ::= "{" space ( string ":" space value ("," space string ":" space value)* )? "}" space
@@ -350,7 +377,7 @@ if TYPE_CHECKING:
         def _add_primitive(self, name: str, rule: BuiltinRule) -> str: ...
         def _generate_union_rule(self, name: str, alt_schemas: list[dict[str, Any]]) -> str: ...
 else:
-    _SchemaConverter = SchemaConverter
+    _SchemaConverter = _grammar.SchemaConverter
 
 
 class _Converter(_SchemaConverter):

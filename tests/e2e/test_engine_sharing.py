@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pensieve.engine.engine import Engine, EngineConfig
-from pensieve.engine.llama import ContextConfig, init_backend
+from pensieve.engine.config import ContextConfig, EngineConfig
+from pensieve.engine.engine import Engine
+from pensieve.engine.llama import init_backend
 from pensieve.engine.types import EngineRequest, RequestAccepted, SamplingParams
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,8 @@ import llama_cpp as C
 import numpy as np
 import pytest
 
-from pensieve.engine.llama import Batch, Context, ContextConfig, Model, init_backend
+from pensieve.engine.config import ContextConfig
+from pensieve.engine.llama import Batch, Context, Model, init_backend
 from pensieve.memory.kvstate import assemble, parse
 
 pytestmark = pytest.mark.e2e

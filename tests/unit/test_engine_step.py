@@ -18,8 +18,9 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from pensieve.engine.engine import Engine, EngineConfig
-from pensieve.engine.llama import ContextConfig, GrammarError
+from pensieve.engine.config import ContextConfig, EngineConfig
+from pensieve.engine.engine import Engine
+from pensieve.engine.llama import GrammarError
 from pensieve.engine.runner import DECODE_OK, token_logprob
 from pensieve.engine.scheduler import ScheduledChunk
 from pensieve.engine.sequence import Sequence

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from pensieve.api.ollama.protocol import Options
 from pensieve.cli.main import build_parser
 from pensieve.config import Settings, load_settings
+from pensieve.engine import devices
+from pensieve.engine.config import KV_CACHE_TYPES, GpuConfig
 from pensieve.engine.devices import (
     Device,
-    GpuConfig,
     ModelShape,
     Placement,
     describe,
@@ -27,9 +28,9 @@ from pensieve.engine.devices import (
     summary,
     usable_bytes,
 )
-from pensieve.engine.llama import KV_CACHE_TYPES, context_params, model_params
+from pensieve.engine.llama import context_params, model_params
 from pensieve.errors import InvalidRequest
-from pensieve.memory.tiered import namespace_for
+from pensieve.memory.config import namespace_for
 from pensieve.runtime import LifecycleConfig, ModelRuntime, ServedModel
 from pensieve.store.gguf import GgufInfo
 
@@ -94,6 +95,12 @@ def test_cache_types_reach_the_context_params(name: str) -> None:
     params = context_params(s.engine_config("m.gguf").context)
     assert params.type_k == params.type_v == KV_CACHE_TYPES[name].ggml_type
     assert params.flash_attn_type == C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+
+
+@pytest.mark.parametrize("name", sorted(set(KV_CACHE_TYPES) - {"bf16"}))
+def test_cache_type_ids_are_ggmls(name: str) -> None:
+    # engine/config.py writes ggml_type's values out so the API process need not load llama.cpp
+    assert KV_CACHE_TYPES[name].ggml_type == getattr(C, f"GGML_TYPE_{name.upper()}")
 
 
 def test_a_quantized_v_cache_without_flash_attention_is_refused_clearly() -> None:
@@ -252,8 +259,7 @@ def test_a_model_bigger_than_the_gpu_budget_is_refused() -> None:
 
 
 def test_the_footprint_splits_by_the_placement() -> None:
-    from pensieve.engine.engine import EngineConfig
-    from pensieve.engine.llama import ContextConfig
+    from pensieve.engine.config import ContextConfig, EngineConfig
 
     ctx = ContextConfig(1000, 64, 64, 1, 1, 1, "on", True, type_k="q8_0", type_v="q8_0")
     served = ServedModel("m", FakeClient())  # type: ignore[arg-type]
@@ -273,3 +279,19 @@ def test_num_ctx_is_a_per_request_limit_within_the_servers_context() -> None:
     with pytest.raises(InvalidRequest, match="num_ctx=8192 is more than") as exc:
         Options(num_ctx=8192).to_sampling_params(4096)
     assert exc.value.param == "options.num_ctx"
+
+
+@pytest.mark.parametrize(("files", "gpu"), [
+    (["libggml-base.so.0", "libggml-cpu.so", "libggml.so", "libllama.so"], False),
+    (["libggml-base.so", "libggml-cpu.so", "libggml-blas.so"], False),
+    (["libggml-base.so", "libggml-cpu.so", "libggml-cuda.so"], True),
+    (["ggml-base.dll", "ggml-cpu.dll", "ggml-vulkan.dll"], True),
+    (["libggml-base.dylib", "libggml-metal.dylib"], True),
+])
+def test_a_cpu_only_build_is_told_from_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 files: list[str], gpu: bool) -> None:
+    # so the API process can plan a CPU-only start without loading llama.cpp
+    for name in files:
+        (tmp_path / name).touch()
+    monkeypatch.setattr(devices, "_backend_libraries", lambda: devices.backends_in(tmp_path))
+    assert devices.may_have_gpus() is gpu

@@ -16,10 +16,11 @@ import pytest
 
 from pensieve.memory.blockfiles import BlockFiles
 from pensieve.memory.blocks import BlockStore
+from pensieve.memory.config import MemoryConfig
 from pensieve.memory.kvstate import MAGIC, UnknownLayout, assemble, parse
 from pensieve.memory.live import LiveCache
 from pensieve.memory.prefix import Tier, prefix_key
-from pensieve.memory.tiered import MemoryConfig, TieredStore
+from pensieve.memory.tiered import TieredStore
 from pensieve.memory.tiers import DiskTier, Snapshot
 
 LAYERS = [(1, 24, 1, 16), (8, 34, 8, 34)]  # (k_type, k_row, v_type, v_row): f16 and q8_0 rows

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pensieve.memory.config import MemoryConfig, namespace_for
 from pensieve.memory.prefix import Tier
-from pensieve.memory.tiered import MemoryConfig, TieredStore, namespace_for
+from pensieve.memory.tiered import TieredStore
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 

@@ -223,7 +223,8 @@ def test_template_syntax_in_messages_is_data() -> None:
 def test_engine_client_limits_without_a_worker() -> None:
     import asyncio
 
-    from pensieve.engine.client import ClientLimits, EngineClient
+    from pensieve.engine.client import EngineClient
+    from pensieve.engine.config import ClientLimits
     from pensieve.engine.types import EngineRequest, SamplingParams
     from pensieve.errors import Overloaded
 

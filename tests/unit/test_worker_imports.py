@@ -60,3 +60,11 @@ def test_client_commands_do_not_import_the_server() -> None:
     assert "pensieve.cli.run" in modules
     assert heavy(modules, ("fastapi", "uvicorn", "pydantic_settings", "pensieve.config",
                            "pensieve.engine", "llama_cpp", "numpy")) == []
+
+
+def test_the_api_process_builds_its_settings_without_llama_cpp_or_numpy() -> None:
+    # the server's imports up to handing the worker its model, and the HTTP app itself, run
+    # while the model loads: llama.cpp and numpy belong to the worker (and a GPU listing)
+    modules = modules_after("import pensieve.cli.serve, pensieve.api.app")
+    assert heavy(modules, ("llama_cpp", "numpy", "pensieve.engine.engine",
+                           "pensieve.memory.tiered")) == []

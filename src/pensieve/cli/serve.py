@@ -27,8 +27,8 @@ from pensieve.config import (
     store_dir,
 )
 from pensieve.engine.client import EngineClient
+from pensieve.engine.config import EngineConfig
 from pensieve.engine.devices import kv_type_problem, plan_for, summary
-from pensieve.engine.engine import EngineConfig
 from pensieve.errors import PensieveError
 from pensieve.logs import setup_logging
 from pensieve.runtime import LifecycleConfig, ModelRuntime
@@ -112,10 +112,10 @@ def serve(settings: Settings, worker: WorkerProcess | None = None) -> int:
             gguf, settings.cache_type_k, settings.cache_type_v)
         digest = _digest(settings, path)
         config = settings.engine_config(str(path), digest)
-        hardware = summary(plan_for(gguf, config.context, settings.gpu_config())[1])
         client = EngineClient(name, config, log_level=level, limits=settings.client_limits())
         if worker is not None and refusal is None:
             client.adopt(worker)  # the model loads from here on, while the API is imported
+        hardware = summary(plan_for(gguf, config.context, settings.gpu_config())[1])
     except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
         return 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Protocol
 
-from pensieve.engine.engine import EngineConfig
+from pensieve.engine.config import ClientLimits, EngineConfig
 from pensieve.engine.types import (
     AbortRequest,
     DetokenizeRequest,
@@ -64,18 +64,6 @@ RequestOutputs = AsyncGenerator[SeqOutput | RequestAccepted, None]
 @dataclass(frozen=True, slots=True)
 class _Crash:
     message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClientLimits:
-    """Per-model request limits enforced in the API process (docs/security.md)."""
-
-    max_in_flight: int | None = None  # generation requests submitted and not finished
-    deadline_s: float | None = None  # from submission to the last token
-    max_prompt_tokens: int | None = None
-    max_tokens: int | None = None  # cap on each choice's max_tokens
-    log_prompts: bool = False
-    log_format: str = "text"  # the worker's log lines: "text" or "json"
 
 
 class EngineObserver(Protocol):

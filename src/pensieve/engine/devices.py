@@ -10,13 +10,13 @@ llama.cpp counts `n_gpu_layers` over the repeating layers plus the output layer:
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import llama_cpp as C
-
-from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
+from pensieve.engine.config import KV_CACHE_TYPES, ContextConfig, GpuConfig
 from pensieve.engine.types import OffloadInfo
 from pensieve.errors import ModelLoadError
 from pensieve.store.gguf import GgufInfo, read_gguf
@@ -28,16 +28,7 @@ DEVICE_MARGIN_BYTES = 1 << 30
 # ggml_backend_dev_type: 0 CPU, 1 GPU, 2 iGPU, 3 accelerators that work in host memory (BLAS)
 _UNLIMITED = 1 << 62
 _GPU_KINDS = {1: "gpu", 2: "igpu"}
-
-
-@dataclass(frozen=True, slots=True)
-class GpuConfig:
-    """The GPU settings of one model. `n_gpu_layers` None: as many layers as fit (auto)."""
-
-    n_gpu_layers: int | None = None
-    main_gpu: int = 0
-    split_mode: str = "layer"  # "none" | "layer" | "row" | "tensor"
-    tensor_split: tuple[float, ...] = ()
+_HOST_BACKENDS = {"base", "cpu", "blas"}  # ggml backend libraries that are not devices
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +102,35 @@ def plan_placement(shape: ModelShape, gpu: GpuConfig, device_bytes: int) -> Plac
 
 def supports_gpu_offload() -> bool:
     """Whether this llama-cpp-python build can offload to a GPU at all."""
+    import llama_cpp as C  # not at import time: the API process plans before it needs llama.cpp
+
     return bool(C.llama_supports_gpu_offload())
+
+
+def _backend_libraries() -> set[str] | None:
+    """The ggml backends built as libraries beside libllama (`libggml-cuda.so` -> "cuda"),
+    found without loading llama.cpp; None when the package's files cannot be listed."""
+    package = importlib.util.find_spec("llama_cpp")
+    if package is None or not package.submodule_search_locations:
+        return None
+    return backends_in(Path(next(iter(package.submodule_search_locations))) / "lib") or None
+
+
+def backends_in(lib_dir: Path) -> set[str]:
+    return {m.group(1) for f in lib_dir.glob("*ggml-*")
+            if (m := re.match(r"(?:lib)?ggml-([a-z0-9]+)", f.name))}
+
+
+def may_have_gpus() -> bool:
+    """False when this build certainly has no GPU backend (only ggml's base, CPU and BLAS
+    backends beside libllama): then `list_gpus` need not load llama.cpp to say so."""
+    backends = _backend_libraries()
+    return backends is None or bool(backends - _HOST_BACKENDS)
 
 
 def list_gpus() -> list[Device]:
     """The GPUs (and other accelerators) llama.cpp's backends see, in ggml's order."""
-    if not supports_gpu_offload():
+    if not may_have_gpus() or not supports_gpu_offload():
         return []
     ggml = _ggml()
     if ggml is None:
@@ -191,7 +205,8 @@ def plan_for(info: GgufInfo, context: ContextConfig,
 
 def describe(placement: Placement, devices: list[Device]) -> OffloadInfo:
     if placement.num_offloaded == 0 or not devices:
-        reason = None if supports_gpu_offload() else "this build has no GPU support"
+        gpu_build = may_have_gpus() and supports_gpu_offload()
+        reason = None if gpu_build else "this build has no GPU support"
         return OffloadInfo("CPU", ("CPU",), 0, placement.num_layers, reason)
     backend = devices[0].name.rstrip("0123456789") or devices[0].name
     names = tuple(f"{d.name} ({d.description})" for d in devices)
@@ -214,6 +229,8 @@ def _text(raw: bytes | None) -> str:
 def _ggml() -> ctypes.CDLL | None:
     """ggml's device registry (llama-cpp-python binds llama.h only). libllama has loaded it
     already, so this finds the same library."""
+    import llama_cpp as C
+
     lib_dir = Path(C.__file__).parent / "lib"
     for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
         path = lib_dir / name

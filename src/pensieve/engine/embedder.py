@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import llama_cpp as C
 import numpy as np
 
-from pensieve.engine.llama import Batch, Context, ContextConfig, LlamaError, Model
+from pensieve.engine.config import ContextConfig
+from pensieve.engine.llama import Batch, Context, LlamaError, Model
 from pensieve.engine.types import EmbedRequest, EmbedResult, RequestRejected
 
 log = logging.getLogger("pensieve.embedder")

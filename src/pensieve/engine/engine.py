@@ -11,14 +11,13 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pensieve.engine.config import EngineConfig
 from pensieve.engine.detokenizer import IncrementalDetokenizer
-from pensieve.engine.devices import GpuConfig
-from pensieve.engine.llama import ContextConfig, GrammarError
+from pensieve.engine.llama import GrammarError
 from pensieve.engine.runner import DECODE_NO_KV_SLOT, DECODE_OK, LlamaRunner, ModelRunner
 from pensieve.engine.scheduler import ScheduledChunk, Scheduler
 from pensieve.engine.sequence import Sequence
@@ -36,21 +35,9 @@ from pensieve.engine.types import (
 )
 from pensieve.memory.live import LiveCache
 from pensieve.memory.prefix import Tier
-from pensieve.memory.tiered import MemoryConfig, TieredStore
+from pensieve.memory.tiered import TieredStore
 
 log = logging.getLogger("pensieve.engine")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    model_path: str
-    context: ContextConfig
-    use_mmap: bool = True
-    prefix_cache: bool = True
-    memory: MemoryConfig | None = None  # RAM and disk tiers; None: live context only
-    reuse_generated: bool = True  # also reuse KV of generated tokens (off: prompt KV only)
-    prefill_chunk_while_decoding: int | None = None  # None: the whole step budget
-    gpu: GpuConfig = GpuConfig()  # layers offloaded (default: as many as fit), devices
 
 
 class Engine:

@@ -9,16 +9,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import llama_cpp as C
 import numpy as np
 
+from pensieve.engine.config import KV_CACHE_TYPES, ContextConfig, GpuConfig
 from pensieve.engine.types import SamplingParams
-
-if TYPE_CHECKING:
-    from pensieve.engine.devices import GpuConfig
 
 log = logging.getLogger("pensieve.llama")
 
@@ -45,50 +41,6 @@ def init_backend() -> None:
     C.llama_log_set(callback, ctypes.c_void_p(0))
     C.llama_backend_init()
 
-
-@dataclass(frozen=True, slots=True)
-class ContextConfig:
-    n_ctx: int
-    n_batch: int
-    n_ubatch: int
-    n_seq_max: int
-    n_threads: int
-    n_threads_batch: int
-    flash_attn: str  # "auto" | "on" | "off"
-    kv_unified: bool
-    embeddings: bool = False  # an embeddings context: pooled vectors per sequence, no logits
-    pooling: int | None = None  # llama_pooling_type; None: the model's own
-    type_k: str = "f16"  # KV cache types, names of KV_CACHE_TYPES
-    type_v: str = "f16"
-
-
-@dataclass(frozen=True, slots=True)
-class KvCacheType:
-    ggml_type: int
-    block_size: int  # elements per block: a row's length must be a multiple of it
-    block_bytes: int
-
-    @property
-    def bytes_per_element(self) -> float:
-        return self.block_bytes / self.block_size
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.block_size > 1
-
-
-# The cache types llama-server accepts (--cache-type-k/-v), with ggml's block layouts.
-KV_CACHE_TYPES = {
-    "f32": KvCacheType(C.GGML_TYPE_F32, 1, 4),
-    "f16": KvCacheType(C.GGML_TYPE_F16, 1, 2),
-    "bf16": KvCacheType(30, 1, 2),  # GGML_TYPE_BF16 (not bound by llama-cpp-python)
-    "q8_0": KvCacheType(C.GGML_TYPE_Q8_0, 32, 34),
-    "q4_0": KvCacheType(C.GGML_TYPE_Q4_0, 32, 18),
-    "q4_1": KvCacheType(C.GGML_TYPE_Q4_1, 32, 20),
-    "iq4_nl": KvCacheType(C.GGML_TYPE_IQ4_NL, 32, 18),
-    "q5_0": KvCacheType(C.GGML_TYPE_Q5_0, 32, 22),
-    "q5_1": KvCacheType(C.GGML_TYPE_Q5_1, 32, 24),
-}
 
 _SPLIT_MODES = {"none": C.LLAMA_SPLIT_MODE_NONE, "layer": C.LLAMA_SPLIT_MODE_LAYER,
                 "row": C.LLAMA_SPLIT_MODE_ROW, "tensor": C.LLAMA_SPLIT_MODE_TENSOR}

@@ -39,7 +39,7 @@ from pensieve.engine.types import (
 from pensieve.memory.live import KVOps
 
 if TYPE_CHECKING:
-    from pensieve.engine.engine import EngineConfig
+    from pensieve.engine.config import EngineConfig
 
 # llama_decode's return codes that the engine tells apart (any other nonzero code is a failure).
 DECODE_OK = 0

@@ -46,7 +46,8 @@ from pensieve.engine.types import (
 from pensieve.logs import setup_logging
 
 if TYPE_CHECKING:
-    from pensieve.engine.engine import Engine, EngineConfig
+    from pensieve.engine.config import EngineConfig
+    from pensieve.engine.engine import Engine
 
 log = logging.getLogger("pensieve.worker")
 

@@ -8,7 +8,6 @@ saved as blocks drops the snapshots it covers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,22 +17,14 @@ import numpy as np
 
 from pensieve.memory.blockfiles import BlockFiles
 from pensieve.memory.blocks import Block, BlockStore
+from pensieve.memory.config import MemoryConfig
 from pensieve.memory.kvstate import UnknownLayout, parse
 from pensieve.memory.prefix import Tier
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 log = logging.getLogger("pensieve.memory")
 
-DEFAULT_BLOCK_TOKENS = 64
 
-
-@dataclass(frozen=True, slots=True)
-class MemoryConfig:
-    ram_bytes: int
-    disk_bytes: int
-    disk_dir: str | None  # None: no disk tier
-    namespace: str  # model file digest + KV settings; entries never cross namespaces
-    block_tokens: int = DEFAULT_BLOCK_TOKENS  # 0: whole snapshots only
 
 
 def _per_tier() -> dict[str, int]:
@@ -60,12 +51,6 @@ class EntryRow:
     last_used: float
     num_blocks: int = 0  # 0: a whole snapshot
     num_shared: int = 0
-
-
-def namespace_for(model_digest: str, **kv_settings: object) -> str:
-    """A short, stable name for (model file, KV settings): what a KV snapshot depends on."""
-    settings = ",".join(f"{k}={kv_settings[k]}" for k in sorted(kv_settings))
-    return hashlib.sha256(f"{model_digest}|{settings}|v1".encode()).hexdigest()[:24]
 
 
 ReadAhead = Future[Snapshot | None] | Future[dict[str, bytes]]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
+import struct
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import Field, model_validator
 
@@ -50,7 +50,7 @@ class EmbeddingRequest(StrictBody):
 def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
     """OpenAI's base64 is the little-endian float32 bytes of the vector."""
     if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
     return vector
 
 
