@@ -140,3 +140,37 @@ def test_the_state_of_new_positions_alone_gives_the_same_blocks(
         assert ctx.state_get(3)[8:] == ctx.state_get(2)[8:]  # scratch seq_id: empty again
     finally:
         ctx.close()
+
+
+@pytest.mark.parametrize("flash", ["on", "off"])
+def test_a_sequence_in_reused_cells_is_cut_in_position_order(
+        model: Model, monkeypatch: pytest.MonkeyPatch, flash: str) -> None:
+    # as under concurrent traffic: another sequence held the first cells and left, so this one's
+    # later positions sit in lower cells and its state lists them first
+    ctx = make_context(model, monkeypatch, flash=flash, kv_type="f16")
+    try:
+        tokens = model.tokenize(PROMPT, add_special=True)
+        prefill(ctx, tokens[:60], 1)
+        prefill(ctx, tokens[:100], 0)
+        ctx.seq_remove(1)
+        batch = Batch(ctx.n_batch)
+        batch.add(tokens[100:-1], 100, 0, True)
+        assert ctx.decode(batch) == 0
+        original = ctx.state_get(0)
+        state = parse(original)
+        assert state.order is not None  # the cells really are out of position order
+        blocks = [state.block(a, min(a + 64, state.num_cells))
+                  for a in range(0, state.num_cells, 64)]
+        assembled = assemble(state.layout, blocks, 2)
+        assert ctx.state_set(2, assembled)
+        assert ctx.state_get(2) == assembled  # loaded as it was cut
+        ctx.seq_remove(0)
+        ctx.seq_remove(2)
+        answers = []
+        for data in (original, assembled):
+            ctx.seq_remove(3)
+            assert ctx.state_set(3, data)
+            answers.append(greedy(ctx, model, 3, tokens[-1], len(tokens) - 1, 12))
+        assert answers[0] == answers[1]
+    finally:
+        ctx.close()

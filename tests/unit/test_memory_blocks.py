@@ -83,8 +83,26 @@ def test_a_block_depends_only_on_its_own_positions() -> None:
     assert a.block(64, 94) != b.block(64, 94)
 
 
+@pytest.mark.parametrize("v_trans", [False, True], ids=["v-rows", "v-transposed"])
+@pytest.mark.parametrize("first_pos", [0, 64])
+def test_cells_in_any_order_are_cut_by_position(v_trans: bool, first_pos: int) -> None:
+    # under concurrent traffic a sequence's cells interleave with others': the state lists them
+    # in cell order, and the blocks must still be those of positions in order
+    tokens = toks(150, 1000)
+    in_order = fake_state(tokens, v_trans=v_trans, first_pos=first_pos)
+    perm = np.random.default_rng(7).permutation(150 - first_pos)
+    shuffled = fake_state(np.concatenate([tokens[:first_pos], tokens[first_pos:][perm]]),
+                          v_trans=v_trans, first_pos=first_pos, positions=perm + first_pos)
+    a, b = parse(in_order, first_pos), parse(shuffled, first_pos)
+    spans = [(x, min(x + 64, 150 - first_pos)) for x in range(0, 150 - first_pos, 64)]
+    assert [a.block(*sp) for sp in spans] == [b.block(*sp) for sp in spans]
+    if first_pos == 0:
+        assert assemble(b.layout, [b.block(*sp) for sp in spans], 0) == in_order
+
+
 @pytest.mark.parametrize("damage", [
     "magic", "trailing", "truncated", "shifted", "two_seqs", "two_streams", "bad_type", "empty",
+    "repeated",
 ])
 def test_states_it_does_not_recognise_are_refused(damage: str) -> None:
     tokens = toks(20)
@@ -97,6 +115,8 @@ def test_states_it_does_not_recognise_are_refused(damage: str) -> None:
         raw = raw[:-3]
     elif damage == "shifted":
         raw = fake_state(tokens, positions=np.arange(20) + 5)
+    elif damage == "repeated":  # a position twice, another missing
+        raw = fake_state(tokens, positions=np.array([*range(19), 3]))
     elif damage == "two_seqs":
         raw = fake_state(tokens, n_seq=2)
     elif damage == "two_streams":

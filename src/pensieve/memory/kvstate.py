@@ -12,10 +12,14 @@ plain KV cache (llama-context.cpp `state_seq_get_data`, llama-kv-cache.cpp `stat
               v_trans 1, per layer: i32 v_type | u32 v_el_bytes | u32 n_embd_v
                                     | n_embd_v x (cell_count elements of V)
 
-A block of positions [a, b) is, per layer, K rows a..b-1 and V rows a..b-1 (or, transposed, the
-elements a..b-1 of every V row): its bytes do not depend on the history before it, so equal
-prefixes give equal blocks. Anything else (several caches, recurrent state, cells for M-RoPE,
-SWA-masked cells, positions not 0..n-1, bytes left over) is refused with `UnknownLayout`, and
+The cells come in the cache's cell order, which is position order only while a sequence's
+cells were allocated one after another: under concurrent traffic (and after prefix sharing)
+they interleave with other sequences' cells. So the cells' positions must be first_pos ..
+first_pos + n - 1 each once, in any order, and rows are taken in position order. A block of
+positions [a, b) is, per layer, the K rows and V rows of positions a..b-1 (or, transposed, those
+elements of every V row): its bytes do not depend on the history before it, so equal prefixes
+give equal blocks. Anything else (several caches, recurrent state, cells for M-RoPE, SWA-masked
+cells, missing or repeated positions, bytes left over) is refused with `UnknownLayout`, and
 memory keeps that model's sequences as whole snapshots instead.
 """
 
@@ -88,14 +92,17 @@ class SeqState:
     num_cells: int
     k: tuple[np.ndarray, ...]  # per layer: (cells, k_row) uint8
     v: tuple[np.ndarray, ...]  # per layer: (cells, v_row) or transposed (n_embd_v, cells, v_el)
+    order: np.ndarray | None = None  # cell index of each position (from the first); None: same
 
     def block(self, start: int, end: int) -> bytes:
         """The KV bytes of positions [start, end): every layer's K, then every layer's V."""
-        parts = [k[start:end] for k in self.k]
+        rows: slice | np.ndarray = (slice(start, end) if self.order is None
+                                    else self.order[start:end])
+        parts = [k[rows] for k in self.k]
         if self.layout.v_trans:
-            parts += [v[:, start:end] for v in self.v]
+            parts += [v[:, rows] for v in self.v]
         else:
-            parts += [v[start:end] for v in self.v]
+            parts += [v[rows] for v in self.v]
         return b"".join(np.ascontiguousarray(p).tobytes() for p in parts)
 
 
@@ -123,7 +130,7 @@ class _Reader:
 
 def parse(data: bytes, first_pos: int = 0) -> SeqState:
     """Read one sequence's state, whose cells must hold positions first_pos, first_pos + 1, ...
-    in order; raises UnknownLayout for anything it cannot cut safely."""
+    each once (in any cell order); raises UnknownLayout for anything it cannot cut safely."""
     r = _Reader(data)
     if r.take(_U32) != MAGIC:
         raise UnknownLayout("no sequence-state magic")
@@ -140,8 +147,8 @@ def parse(data: bytes, first_pos: int = 0) -> SeqState:
             raise UnknownLayout("cells in more than one stream")
         if s != (seq_id if n_stream > 1 else 0):
             raise UnknownLayout(f"cells in stream {s}, not the sequence's own")
-        _check_cells(r, num_cells, seq_id, first_pos)
-        state = _read_data(r, n_stream, num_cells)
+        order = _check_cells(r, num_cells, seq_id, first_pos)
+        state = _read_data(r, n_stream, num_cells, order)
     if state is None:
         raise UnknownLayout("the sequence holds no cells")
     if r.at != len(data):
@@ -149,16 +156,22 @@ def parse(data: bytes, first_pos: int = 0) -> SeqState:
     return state
 
 
-def _check_cells(r: _Reader, num_cells: int, seq_id: int, first_pos: int) -> None:
+def _check_cells(r: _Reader, num_cells: int, seq_id: int, first_pos: int) -> np.ndarray | None:
+    """The cell index of each position in order (None when cells are in position order)."""
     cells = r.array(num_cells * _CELL.itemsize, (num_cells,), _CELL)
     if not (cells["n_seq"] == 1).all() or not (cells["seq"] == seq_id).all():
         raise UnknownLayout("cells not of this sequence alone (or with extra cell data)")
-    if not np.array_equal(cells["pos"], np.arange(first_pos, first_pos + num_cells,
-                                                  dtype=np.int32)):
-        raise UnknownLayout("positions not consecutive from the first (masked or shifted cells)")
+    wanted = np.arange(first_pos, first_pos + num_cells, dtype=np.int32)
+    if np.array_equal(cells["pos"], wanted):
+        return None
+    order = np.argsort(cells["pos"], kind="stable")
+    if not np.array_equal(cells["pos"][order], wanted):
+        raise UnknownLayout("positions not each of first..last once (masked or shifted cells)")
+    return order
 
 
-def _read_data(r: _Reader, n_stream: int, num_cells: int) -> SeqState:
+def _read_data(r: _Reader, n_stream: int, num_cells: int, order: np.ndarray | None
+               ) -> SeqState:
     v_trans = r.take(_U32)
     n_layer = r.take(_U32)
     if v_trans > 1 or not 1 <= n_layer <= 4096:
@@ -186,7 +199,7 @@ def _read_data(r: _Reader, n_stream: int, num_cells: int) -> SeqState:
             vs.append(r.array(num_cells * v_row, (num_cells, v_row)))
             layers.append(LayerLayout(k_type, k_row, v_type, v_row, 0))
     layout = Layout(n_stream, bool(v_trans), tuple(layers))
-    return SeqState(layout, num_cells, tuple(ks), tuple(vs))
+    return SeqState(layout, num_cells, tuple(ks), tuple(vs), order)
 
 
 def _type(r: _Reader) -> int:
