@@ -16,6 +16,7 @@ state after every turn).
 
     python bench/memory_blocks.py                     # both parts, 2 rounds
     python bench/memory_blocks.py --parts growth --turns 8 --rounds 1
+    python bench/memory_blocks.py --block-sizes 32,64,128,256 --no-snapshots   # the block size
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "blocks": (),
     "snapshots": ("--memory-block-tokens", "0"),
 }
+
+
+def set_block_sizes(sizes: list[int]) -> None:
+    """`--block-sizes 32,64,128`: one `blocks-N` server per size instead of the default's."""
+    if sizes:
+        del CONFIGS["blocks"]
+        for n in sizes:
+            CONFIGS[f"blocks-{n}"] = ("--memory-block-tokens", str(n))
+
+
+def block_configs() -> list[str]:
+    return [n for n in CONFIGS if n.startswith("blocks")]
 QUESTIONS = ("Tell me one fact about owls.", "And one about foxes?", "Which of them is older?",
              "Name a third animal.", "Why that one?")
 SHARED_PROMPT_SENTENCE = (
@@ -114,7 +127,8 @@ def growth(name: str, args: argparse.Namespace, scratch: Path) -> list[dict[str,
 
 
 def shared(name: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    num = args.shared_conversations if name == "blocks" else args.shared_snapshot_conversations
+    num = (args.shared_conversations if name.startswith("blocks")
+           else args.shared_snapshot_conversations)
     prompt = shared_prompt(args.shared_rules)
     data_dir = Path(tempfile.mkdtemp(dir=scratch))
     with Pensieve(name, args.model, args.threads, data_dir, "shared") as srv, \
@@ -166,7 +180,7 @@ def growth_table(runs: dict[str, list[list[dict[str, Any]]]]) -> Table:
     turns = len(next(iter(runs.values()))[0])
     rows = []
     for t in range(turns):
-        row = [str(t + 1), str(runs["blocks"][0][t]["prompt_tokens"])]
+        row = [str(t + 1), str(runs[block_configs()[0]][0][t]["prompt_tokens"])]
         for name in CONFIGS:
             for key in ("ram_bytes", "disk_bytes"):
                 row.append(_kib(statistics.median(rd[t][key] for rd in runs[name])))
@@ -176,8 +190,8 @@ def growth_table(runs: dict[str, list[list[dict[str, Any]]]]) -> Table:
         for key in ("ram_bytes", "disk_bytes"):
             totals.append(_kib(statistics.median(sum(x[key] for x in rd) for rd in runs[name])))
     rows.append(totals)
-    headers = ["turn", "prompt\ntokens", "blocks\nRAM KiB", "blocks\ndisk KiB",
-               "snapshots\nRAM KiB", "snapshots\ndisk KiB"]
+    headers = ["turn", "prompt\ntokens"] + [f"{name}\n{tier} KiB" for name in CONFIGS
+                                            for tier in ("RAM", "disk")]
     return Table("bytes written per turn, one 20-turn conversation (median over rounds)",
                  headers, rows, ["disk: file bytes queued, headers included"])
 
@@ -191,8 +205,9 @@ def shared_table(runs: dict[str, list[dict[str, Any]]]) -> Table:
         n, tokens = first["conversations"], first["prompt_tokens"]
         ram = statistics.median(int(r["stats"].get("ram_bytes", 0)) for r in runs[name])
         disk = statistics.median(int(r["stats"].get("disk_bytes", 0)) for r in runs[name])
-        per_token = int(runs["blocks"][0]["stats"].get("kv_bytes_per_token", 0)) \
-            if runs["blocks"] else 0
+        first_blocks = runs[block_configs()[0]]
+        per_token = int(first_blocks[0]["stats"].get("kv_bytes_per_token", 0)) \
+            if first_blocks else 0
         naive = n * tokens * per_token
         rows.append([name, str(n), str(tokens), f"{ram / 2**20:,.1f}", f"{disk / 2**20:,.1f}",
                      f"{naive / 2**20:,.1f}", f"{ram / naive:.3f}" if naive else "-",
@@ -221,9 +236,15 @@ def main() -> int:
     p.add_argument("--shared-rules", type=int, default=40, help="sentences in the shared prompt")
     p.add_argument("--shared-max-tokens", type=int, default=1,
                    help="answer length in the shared part (what is kept is the prompt)")
+    p.add_argument("--block-sizes", default="",
+                   help="comma-separated block sizes to compare (default: the server's own)")
+    p.add_argument("--no-snapshots", action="store_true", help="leave the snapshot server out")
     p.add_argument("--json-out", type=Path, default=LOG_DIR / "memory-blocks-latest.json")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
+    set_block_sizes([int(x) for x in args.block_sizes.split(",") if x])
+    if args.no_snapshots:
+        del CONFIGS["snapshots"]
     out = run(args)
     tables = []
     if "growth" in args.parts:

@@ -4,6 +4,7 @@ damaged memory files are ignored, never served."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,21 @@ def fourth_turn_after_restart(tmp_path: Path, data: Path, history: list[dict], *
     finally:
         stop_server(server)
     return reply, memory, fresh
+
+
+def test_a_stop_that_signals_the_worker_too_keeps_the_last_turn(tmp_path: Path) -> None:
+    # systemd stops a unit by signalling all its processes, a terminal's Ctrl-C signals the
+    # whole foreground group: the worker must still save and flush the last turn
+    data = tmp_path / "data"
+    server = start_server(tmp_path, data_dir=data)
+    try:
+        history, last_prompt = converse(server, 3)
+        os.kill(server.model_status()["pid"], signal.SIGTERM)
+    finally:
+        stop_server(server)
+    restored, memory, _ = fourth_turn_after_restart(tmp_path, data, history)
+    assert restored["usage"]["prompt_tokens_details"]["cached_tokens"] > last_prompt
+    assert memory["hits"]["disk"] >= 1
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-memory-reuse-generated",)],

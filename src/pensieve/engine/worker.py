@@ -93,7 +93,12 @@ def spawn_worker(name: str = "pensieve-worker") -> WorkerProcess:
 def run_worker(conn: Connection) -> None:
     """Process entry point (spawned): import the engine, wait for the model's config, load it,
     report, then serve until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when we stop
+    # The API server decides when we stop, and then this process saves what memory holds and
+    # flushes its disk writes. A terminal's Ctrl-C and a service manager's stop (systemd
+    # signals every process of the unit) reach this process too; dying on them would lose the
+    # turns not yet on disk. A server that dies outright closes the pipe, which ends us as well.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     engine_class, init_backend = import_engine()  # meanwhile the API server builds the config
     try:
         start: WorkerStart = conn.recv()
