@@ -60,3 +60,12 @@ def test_client_commands_do_not_import_the_server() -> None:
     assert "pensieve.cli.run" in modules
     assert heavy(modules, ("fastapi", "uvicorn", "pydantic_settings", "pensieve.config",
                            "pensieve.engine", "llama_cpp", "numpy")) == []
+
+
+def test_the_default_server_imports_no_cluster_package() -> None:
+    # ray and redis are the cluster extra's: imported only by cluster mode and --memory-shared
+    modules = modules_after("import pensieve.api.app, pensieve.config, pensieve.memory.tiered\n"
+                            "from pensieve.engine.worker import import_engine\n"
+                            "import_engine()")
+    assert "pensieve.memory.shared" in modules
+    assert heavy(modules, ("ray", "redis")) == []

@@ -23,7 +23,13 @@ from pensieve.memory.blockfiles import BlockFiles
 from pensieve.memory.blocks import Block, BlockStore, FetchedBlock
 from pensieve.memory.kvstate import UnknownLayout, parse
 from pensieve.memory.prefix import Tier, prefix_key
-from pensieve.memory.shared import READ_WAIT_S, SharedConfig, SharedTier, open_store
+from pensieve.memory.shared import (
+    READ_WAIT_S,
+    SharedBlocks,
+    SharedConfig,
+    SharedTier,
+    open_store,
+)
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 log = logging.getLogger("pensieve.memory")
@@ -108,13 +114,14 @@ class TieredStore:
     """RAM and disk behind the live tier. Used from the engine thread only; disk reads ahead of a
     restore (`prefetch`) run on a reader thread and land in RAM when the engine next looks."""
 
-    def __init__(self, config: MemoryConfig) -> None:
+    def __init__(self, config: MemoryConfig, shared_store: SharedBlocks | None = None) -> None:
+        """`shared_store`: the shared tier's store (default: the one config.shared names)."""
         self.config = config
         self.ram = RamTier(config.ram_bytes)
         self.disk = (DiskTier(Path(config.disk_dir), config.namespace, config.disk_bytes)
                      if config.disk_dir else None)
         self.blocks = self._block_store(config) if config.block_tokens > 0 else None
-        self.shared = self._shared_tier(config, self.blocks)
+        self.shared = self._shared_tier(config, self.blocks, shared_store)
         self.stats = MemoryStats()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="pensieve-disk-read")
         self._reads: dict[str, Future[Snapshot | None]] = {}  # disk key -> read in flight/done
@@ -133,14 +140,17 @@ class TieredStore:
                           config.disk_bytes, files)
 
     @staticmethod
-    def _shared_tier(config: MemoryConfig, blocks: BlockStore | None) -> SharedTier | None:
-        if config.shared is None:
+    def _shared_tier(config: MemoryConfig, blocks: BlockStore | None,
+                     store: SharedBlocks | None) -> SharedTier | None:
+        if store is None and config.shared is None:
             return None
         if blocks is None:
             raise ValueError("the shared memory tier holds KV blocks: it needs "
                              "--memory-block-tokens above 0")
-        tier = SharedTier(open_store(config.shared), config.namespace, blocks.seed,
-                          blocks.block_tokens)
+        if store is None and config.shared is not None:
+            store = open_store(config.shared)
+        assert store is not None
+        tier = SharedTier(store, config.namespace, blocks.seed, blocks.block_tokens)
         blocks.shared = tier
         log.info("memory: shared tier %s", tier.store.name)
         return tier
