@@ -24,7 +24,7 @@ from pensieve.engine.client import ClientLimits
 from pensieve.engine.devices import GpuConfig, list_gpus, usable_bytes
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
-from pensieve.memory.shared import INSTALL_HINT, SCHEMES, SharedConfig, redacted
+from pensieve.memory.shared_store import INSTALL_HINT, SCHEMES, SharedConfig, redacted
 from pensieve.memory.tiered import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
 from pensieve.store.netguard import NetPolicy
 

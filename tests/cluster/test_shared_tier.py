@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from pensieve.memory.prefix import Tier, prefix_key
-from pensieve.memory.shared import SharedConfig
+from pensieve.memory.shared_store import SharedConfig
 from pensieve.memory.tiered import MemoryConfig, TieredStore
 from tests.cluster.conftest import REDIS_PASSWORD
 from tests.support.redis_server import RedisServer, start_redis, stop_redis

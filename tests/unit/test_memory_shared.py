@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pensieve.memory import shared as shared_module
+from pensieve.memory import shared_store
 from pensieve.memory.blockfiles import block_key, encode_block
 from pensieve.memory.blocks import chain_seed
 from pensieve.memory.prefix import Tier, prefix_key
-from pensieve.memory.shared import SharedStoreError
+from pensieve.memory.shared_store import SharedStoreError
 from pensieve.memory.tiered import MemoryConfig, ReadAhead, TieredStore
 from tests.unit.test_memory_blocks import fake_state, toks
 
@@ -229,7 +229,7 @@ def test_an_unreachable_store_is_a_miss_and_a_counter(stores: list[TieredStore],
                                                       store: FakeStore,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(shared_module, "_BACKOFF_S", (0.2, 0.2))
+    monkeypatch.setattr(shared_store, "_BACKOFF_S", (0.2, 0.2))
     store.down = True
     caplog.set_level(logging.WARNING, "pensieve.memory")
     a = tiered(stores, store)

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from pensieve.memory.shared import INSTALL_HINT, SharedConfig, SharedStoreError, redacted
+from pensieve.memory.shared_store import INSTALL_HINT, SharedConfig, SharedStoreError, redacted
 
 T = TypeVar("T")
 

@@ -23,17 +23,16 @@ import functools
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Protocol, TypeVar
-from urllib.parse import urlsplit
+from typing import TypeVar
 
 import numpy as np
 
 from pensieve.memory.blockfiles import block_key, open_block
 from pensieve.memory.blocks import FetchedBlock
+from pensieve.memory.shared_store import Outage, SharedBlocks, SharedStoreError
 
 log = logging.getLogger("pensieve.memory")
 
@@ -46,68 +45,6 @@ _MAX_FETCH_BLOCKS = 512  # per read ahead (32k tokens of 64)
 _MAX_TAIL_KEYS = 64  # candidate lengths of a chain's partial last block
 _MAX_QUEUED_BYTES = 256 << 20  # writes waiting for the store; more are dropped (and counted)
 _PUT_BATCH_BYTES = 16 << 20
-_BACKOFF_S = (1.0, 30.0)  # first and longest wait before trying a failed store again
-
-
-INSTALL_HINT = "pip install 'pensieve-server[cluster]'"
-SCHEMES = ("redis", "rediss")
-
-
-@dataclass(frozen=True, slots=True)
-class SharedConfig:
-    """Where the shared tier is and how long its blocks live."""
-
-    url: str  # redis://[[user]:password@]host:port/db, or rediss:// (TLS)
-    ttl_s: int  # 0: no expiry
-    namespace: str  # the memory namespace and the llama.cpp version: the keys' prefix
-
-
-def redacted(url: str) -> str:
-    """The URL without its credentials, for logs and errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def open_store(config: SharedConfig) -> SharedBlocks:
-    """The store a shared-tier URL names (Redis for redis:// and rediss://)."""
-    if urlsplit(config.url).scheme not in SCHEMES:
-        raise ValueError(f"unsupported shared tier {redacted(config.url)}: use redis:// or "
-                         "rediss://")
-    from pensieve.memory.redis_blocks import RedisBlocks  # imports redis
-
-    return RedisBlocks(config)
-
-
-class SharedStoreError(Exception):
-    """The shared store could not be used (unreachable, slow, refusing): a miss, never fatal."""
-
-
-class SharedBlocks(Protocol):
-    """A store of block blobs by key, for one namespace. Blocking calls, made from the tier's
-    own threads only; every failure is raised as SharedStoreError."""
-
-    @property
-    def name(self) -> str:
-        """The store, for logs (no credentials)."""
-        ...
-
-    def ping(self) -> None: ...
-
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> int:
-        """Store blobs not stored yet; returns the bytes actually written."""
-        ...
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
-
-    def delete_many(self, keys: Sequence[str]) -> None: ...
-
-    def clear(self) -> int:
-        """Delete every blob of this namespace; returns how many."""
-        ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -149,40 +86,6 @@ _Item = _Put | _Delete | _Clear | _Barrier
 _Link = tuple[str, str, int, np.ndarray]  # a block asked for: key, parent, start, tokens
 
 
-class _Outage:
-    """Whether the store is worth calling: after a failure it is left alone for a while
-    (doubling up to a limit), and each outage is logged once, when it starts and when it ends."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._since: float | None = None
-        self._retry_at = 0.0
-        self._wait = _BACKOFF_S[0]
-
-    def is_down(self) -> bool:
-        with self._lock:
-            return self._since is not None and time.monotonic() < self._retry_at
-
-    def failed(self, exc: Exception) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if self._since is None:
-                self._since, self._wait = now, _BACKOFF_S[0]
-                log.warning("memory: the shared tier %s is unavailable (%s); requests compute "
-                            "what it would have served until it is back", self.name, exc)
-            else:
-                self._wait = min(self._wait * 2, _BACKOFF_S[1])
-            self._retry_at = now + self._wait
-
-    def succeeded(self) -> None:
-        with self._lock:
-            if self._since is not None:
-                log.info("memory: the shared tier %s is back after %.0f s", self.name,
-                         time.monotonic() - self._since)
-            self._since = None
-
-
 class SharedTier:
     """Write-behind and read-ahead over a SharedBlocks store, for one namespace's chains."""
 
@@ -194,7 +97,7 @@ class SharedTier:
         self.block_tokens = block_tokens
         self.stats = SharedStats()
         self._lock = threading.Lock()  # stats and the queue's byte count
-        self._outage = _Outage(store.name)
+        self._outage = Outage(store.name)
         self._queued_bytes = 0
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="pensieve-shared-read")

@@ -23,13 +23,8 @@ from pensieve.memory.blockfiles import BlockFiles
 from pensieve.memory.blocks import Block, BlockStore, FetchedBlock
 from pensieve.memory.kvstate import UnknownLayout, parse
 from pensieve.memory.prefix import Tier, prefix_key
-from pensieve.memory.shared import (
-    READ_WAIT_S,
-    SharedBlocks,
-    SharedConfig,
-    SharedTier,
-    open_store,
-)
+from pensieve.memory.shared import READ_WAIT_S, SharedTier
+from pensieve.memory.shared_store import SharedBlocks, SharedConfig, open_store
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 log = logging.getLogger("pensieve.memory")
@@ -298,10 +293,11 @@ class TieredStore:
             if not read.done():
                 continue
             del self._shared_reads[key]
-            if read.cancelled() or read.exception() is not None:
-                log.warning("memory: a shared-tier read failed: %r", read.exception())
-                continue
-            self.blocks.adopt(read.result())
+            error = None if read.cancelled() else read.exception()
+            if error is not None:  # a bug, not the store (its failures are misses)
+                log.warning("memory: a shared-tier read failed: %r", error)
+            elif not read.cancelled():
+                self.blocks.adopt(read.result())
 
     def best(self, want: np.ndarray) -> tuple[Tier, int]:
         choice = self._choose(want)
