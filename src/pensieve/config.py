@@ -24,6 +24,7 @@ from pensieve.engine.client import ClientLimits
 from pensieve.engine.devices import GpuConfig, list_gpus, usable_bytes
 from pensieve.engine.engine import EngineConfig
 from pensieve.engine.llama import KV_CACHE_TYPES, ContextConfig
+from pensieve.errors import PensieveError
 from pensieve.memory.shared_store import INSTALL_HINT, SCHEMES, SharedConfig, redacted
 from pensieve.memory.tiered import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
 from pensieve.store.netguard import NetPolicy
@@ -206,8 +207,6 @@ class Settings(BaseSettings):
             raise ValueError(f"{SHARED_URL_FORM}, not {redacted(value)}") from None
         if parts.scheme not in SCHEMES or not parts.hostname:
             raise ValueError(f"{SHARED_URL_FORM}, not {redacted(value)}")
-        if importlib.util.find_spec("redis") is None:
-            raise ValueError(f"--memory-shared needs the redis package: {INSTALL_HINT}")
         return value
 
     @model_validator(mode="after")
@@ -322,9 +321,12 @@ class Settings(BaseSettings):
 
     def shared_config(self, namespace: str) -> SharedConfig | None:
         """The shared tier's keys are namespaced by the llama.cpp version too: servers of
-        different versions may share a store, and their KV state need not be the same."""
+        different versions may share a store, and their KV state need not be the same. Raises
+        PensieveError (`pensieve serve`: cannot start) when the redis package is missing."""
         if not self.memory_shared:
             return None
+        if importlib.util.find_spec("redis") is None:
+            raise PensieveError(f"--memory-shared needs the redis package: {INSTALL_HINT}")
         return SharedConfig(self.memory_shared, self.memory_shared_ttl_s,
                             namespace_for(namespace, llama_cpp=llama_cpp_version()))
 

@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from pensieve.cli.main import build_parser
 from pensieve.config import load_settings
+from pensieve.errors import PensieveError
 
 
 def test_defaults_are_safe() -> None:
@@ -69,8 +70,10 @@ def test_a_missing_redis_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "redis" else real(name, *a))
-    with pytest.raises(ValidationError, match=r"pensieve-server\[cluster\]"):
-        load_settings({"memory_shared": "redis://h:6379"})
+    settings = load_settings({"memory_shared": "redis://:pw@h:6379"})
+    with pytest.raises(PensieveError, match=r"pensieve-server\[cluster\]") as caught:
+        settings.memory_config("digest")
+    assert "pw" not in str(caught.value)
 
 
 def test_the_shared_tier_is_namespaced_by_the_llama_cpp_version(

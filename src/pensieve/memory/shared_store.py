@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -23,7 +23,7 @@ SCHEMES = ("redis", "rediss")
 class SharedConfig:
     """Where the shared tier is and how long its blocks live."""
 
-    url: str  # redis://[[user]:password@]host:port/db, or rediss:// (TLS)
+    url: str = field(repr=False)  # redis://[[user]:password@]host:port/db, or rediss://
     ttl_s: int  # 0: no expiry
     namespace: str  # the memory namespace and the llama.cpp version: the keys' prefix
 
