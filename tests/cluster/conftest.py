@@ -26,3 +26,12 @@ def redis_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redi
     yield server
     stop_redis(server)
 
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """TLS only (no plain port), with a password: the set-up docs/memory.md describes."""
+    server = start_redis(tmp_path_factory.mktemp("redis-tls"), password=REDIS_PASSWORD,
+                         tls=True)
+    yield server
+    stop_redis(server)

@@ -1,6 +1,6 @@
 """The shared memory tier against a real redis-server: round trip, longest-prefix lookup,
 namespace isolation, forged blobs refused before a restore, a store that is unreachable or
-stops, password auth, TTLs, deletes."""
+stops, password auth, TLS, TTLs, deletes."""
 
 from __future__ import annotations
 
@@ -186,6 +186,19 @@ def test_password_auth(redis_auth_server: RedisServer, stores: list[TieredStore]
         assert restore(c, next_turn(tokens)) == (0, None)
         assert c.summary()["shared_errors"] >= 1
     assert REDIS_PASSWORD not in b.shared.store.name  # type: ignore[union-attr]
+
+
+def test_tls_with_a_password(redis_tls_server: RedisServer,
+                            stores: list[TieredStore]) -> None:
+    tokens = toks(70)
+    a = tiered(stores, redis_tls_server.url())
+    save(a, tokens)
+    assert a.summary()["shared_blocks_written"] == 5
+    b = tiered(stores, redis_tls_server.url())
+    assert restore(b, next_turn(tokens)) == (70, fake_state(tokens))
+    untrusting = tiered(stores, redis_tls_server.url(trust=False))  # the CA is not known
+    assert restore(untrusting, next_turn(tokens)) == (0, None)
+    assert untrusting.summary()["shared_errors"] >= 1
 
 
 def test_blocks_expire_unless_they_are_read(redis_server: RedisServer, client: redis.Redis,
