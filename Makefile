@@ -13,7 +13,7 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
-.PHONY: serve test install install-test lint clean chromium docs
+.PHONY: serve test test-cluster install install-test install-cluster lint clean chromium docs
 
 # GPU=cuda|metal|vulkan|rocm rebuilds llama-cpp-python for that backend (CMAKE_ARGS as in
 # llama-cpp-python's README) before serving or testing; without it everything runs on the CPU.
@@ -45,8 +45,13 @@ $(VENV)/.gpu-%: $(VENV)/.installed
 	rm -f $(VENV)/.gpu-*
 	touch $@
 
+$(VENV)/.installed-cluster: pyproject.toml $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e ".[test,cluster]"
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-cluster: $(VENV)/.installed-cluster
 
 serve: install $(GPU_STAMP)
 	$(BIN)/pensieve serve $(ARGS)
@@ -58,6 +63,14 @@ chromium:
 
 test: install-test $(GPU_STAMP) chromium
 	$(BIN)/python -m pytest $(ARGS)
+
+# Cluster mode (Ray Serve replicas, the shared memory tier on Redis): its own extra and a
+# redis-server (Debian's), started by the tests on loopback ports. `make test` does not collect
+# tests/cluster (tests/conftest.py); this target does.
+test-cluster: install-cluster $(GPU_STAMP)
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+		|| echo "redis-server could not be installed: the cluster tests will fail (apt-get install redis-server)"
+	$(BIN)/python -m pytest tests/cluster $(ARGS)
 
 # The configuration reference is generated from the settings model (a unit test checks it).
 docs: install

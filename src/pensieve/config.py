@@ -4,9 +4,12 @@ frozen dataclasses built from it once at start-up."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -25,9 +28,13 @@ from pensieve.engine.config import (
     GpuConfig,
 )
 from pensieve.engine.devices import list_gpus, usable_bytes
+from pensieve.errors import PensieveError
 from pensieve.memory.config import DEFAULT_BLOCK_TOKENS, MemoryConfig, namespace_for
+from pensieve.memory.shared_store import INSTALL_HINT, SCHEMES, SharedConfig, redacted
 from pensieve.store.netguard import NetPolicy
 
+SHARED_URL_FORM = ("--memory-shared takes redis://[:password@]host:port/db, or rediss://... for "
+                   "TLS")
 KvCacheTypeName = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32"]
 
 if TYPE_CHECKING:  # the HTTP stack is imported where used: `serve` reads the settings (and
@@ -35,6 +42,14 @@ if TYPE_CHECKING:  # the HTTP stack is imported where used: `serve` reads the se
     from pensieve.api.middleware.access import AccessConfig
     from pensieve.api.middleware.limits import LimitsConfig
     from pensieve.api.openai.responses_store import ResponseStoreConfig
+
+
+def llama_cpp_version() -> str:
+    """The llama-cpp-python version (which pins llama.cpp), read without importing it."""
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def default_data_dir() -> Path:
@@ -125,6 +140,17 @@ class Settings(BaseSettings):
         DEFAULT_BLOCK_TOKENS, ge=0, le=4096,
         description="Tokens per KV block in the RAM and disk tiers: a turn stores only its new "
         "blocks, and conversations sharing a prefix share its blocks. 0: whole snapshots.")
+    memory_shared: str | None = Field(
+        None, description="A shared memory tier behind RAM and disk, so that every server of "
+        "the same model (cluster replicas) can continue any conversation: a Redis URL, "
+        "redis://[:password@]host:port/db, or rediss://... for TLS. Each new KV block is "
+        "written to it behind the request; a request reads the blocks it lacks from it ahead "
+        "of its turn. If it is down, requests compute instead. Needs the cluster extra: pip "
+        "install 'pensieve-server[cluster]'. See docs/memory.md, Shared tier.")
+    memory_shared_ttl_s: int = Field(
+        7 * 86400, ge=0, le=1 << 31, description="Seconds a block stays in the shared tier "
+        "after it was last written or read, so the store does not grow forever. 0: no expiry "
+        "(bound the store with its own maxmemory policy instead).")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.")
     # --- model store and lifecycle (docs/models.md) ---
@@ -171,6 +197,27 @@ class Settings(BaseSettings):
                 f"--cache-type-v {self.cache_type_v} needs flash attention, which "
                 "--flash-attn off turns off: use --flash-attn on (or auto), or an unquantized "
                 "V cache (f16, bf16, f32)")
+        return self
+
+    @field_validator("memory_shared")
+    @classmethod
+    def _valid_shared_tier(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"{SHARED_URL_FORM}, not {redacted(value)}") from None
+        if parts.scheme not in SCHEMES or not parts.hostname:
+            raise ValueError(f"{SHARED_URL_FORM}, not {redacted(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _shared_tier_needs_blocks(self) -> Settings:
+        if self.memory_shared and self.memory_block_tokens == 0:
+            raise ValueError("--memory-shared stores KV blocks: it needs --memory-block-tokens "
+                             "above 0")
         return self
 
     @field_validator("keep_alive")
@@ -273,7 +320,19 @@ class Settings(BaseSettings):
         disk_dir = str(self.data_dir / "memory") if self.memory_disk_mb > 0 else None
         return MemoryConfig(ram_bytes=self.memory_ram_mb << 20,
                             disk_bytes=self.memory_disk_mb << 20, disk_dir=disk_dir,
-                            namespace=namespace, block_tokens=self.memory_block_tokens)
+                            namespace=namespace, block_tokens=self.memory_block_tokens,
+                            shared=self.shared_config(namespace))
+
+    def shared_config(self, namespace: str) -> SharedConfig | None:
+        """The shared tier's keys are namespaced by the llama.cpp version too: servers of
+        different versions may share a store, and their KV state need not be the same. Raises
+        PensieveError (`pensieve serve`: cannot start) when the redis package is missing."""
+        if not self.memory_shared:
+            return None
+        if importlib.util.find_spec("redis") is None:
+            raise PensieveError(f"--memory-shared needs the redis package: {INSTALL_HINT}")
+        return SharedConfig(self.memory_shared, self.memory_shared_ttl_s,
+                            namespace_for(namespace, llama_cpp=llama_cpp_version()))
 
     @property
     def kv_type_label(self) -> str:

@@ -170,8 +170,10 @@ def test_a_disk_snapshot_is_read_ahead_once_and_still_counts_as_disk(tmp_path: P
     fresh = TieredStore(cfg)
     assert fresh.disk is not None
     read = fresh.prefetch(want(0, 39))
-    assert read is not None and fresh.prefetch(want(0, 39)) is read  # one read per snapshot
-    read.result(timeout=10)
+    again = fresh.prefetch(want(0, 39))
+    assert read is not None and read.disk is not None and not read.is_remote
+    assert again is not None and again.disk is read.disk  # one read per snapshot
+    read.disk.result(timeout=10)
     calls: list[str] = []
     fresh.disk.load = lambda key: calls.append(key)  # type: ignore[method-assign]
     assert fresh.best(want(0, 39)) == (Tier.DISK, 39)  # read ahead, but it came from disk

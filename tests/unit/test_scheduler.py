@@ -262,6 +262,21 @@ def test_a_request_whose_kv_is_read_from_disk_lets_the_next_one_go_first() -> No
     assert "restoring" in [c.seq.request_id for c in plan]
 
 
+def test_a_request_reading_from_the_shared_tier_waits_even_with_nothing_else_to_do() -> None:
+    # a restore never waits on the network: the request waits for its read instead
+    s = make_scheduler(4, 10_000, 512)
+    read_done = False
+    remote = make_group("restoring", 40)
+    remote[0].restore_ready = lambda: read_done
+    remote[0].read_is_remote = True
+    s.add(remote)
+    assert s.schedule() == []
+    s.add(make_group("next", 20, first=5000))
+    assert [c.seq.request_id for c in s.schedule()] == ["next"]
+    read_done = True
+    assert "restoring" in [c.seq.request_id for c in s.schedule()]
+
+
 def test_with_nothing_else_to_do_a_restoring_request_is_admitted_at_once() -> None:
     s = make_scheduler(4, 10_000, 512)
     slow = make_group("restoring", 40)

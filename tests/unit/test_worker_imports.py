@@ -68,3 +68,12 @@ def test_the_api_process_builds_its_settings_without_llama_cpp_or_numpy() -> Non
     modules = modules_after("import pensieve.cli.serve, pensieve.api.app")
     assert heavy(modules, ("llama_cpp", "numpy", "pensieve.engine.engine",
                            "pensieve.memory.tiered")) == []
+
+
+def test_the_default_server_imports_no_cluster_package() -> None:
+    # ray and redis are the cluster extra's: imported only by cluster mode and --memory-shared
+    modules = modules_after("import pensieve.api.app, pensieve.config, pensieve.memory.tiered\n"
+                            "from pensieve.engine.worker import import_engine\n"
+                            "import_engine()")
+    assert "pensieve.memory.shared" in modules
+    assert heavy(modules, ("ray", "redis")) == []

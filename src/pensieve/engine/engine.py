@@ -39,6 +39,8 @@ from pensieve.memory.tiered import TieredStore
 
 log = logging.getLogger("pensieve.engine")
 
+_READ_POLL_S = 0.002  # how often an idle engine looks whether a read ahead is done
+
 
 class Engine:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
@@ -147,7 +149,9 @@ class Engine:
                                    code="invalid_grammar")
         if self.tiers is not None and req.use_cache:
             read = self.tiers.prefetch(np.asarray(tokens[:-1], dtype=np.int32))
-            group[0].restore_ready = read.done if read is not None else None
+            if read is not None:
+                group[0].restore_ready = read.done
+                group[0].read_is_remote = read.is_remote
         self._requests[req.request_id] = group
         self.scheduler.add(group)
         return RequestAccepted(req.request_id, len(tokens))
@@ -247,6 +251,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             self.cache.save_retained()  # idle: now a finished turn's KV goes to RAM and disk
+            if self.scheduler.waiting:  # only reads ahead hold them back: do not spin
+                time.sleep(_READ_POLL_S)
             return []
         rc = self.runner.decode(plan)
         if rc == DECODE_NO_KV_SLOT:

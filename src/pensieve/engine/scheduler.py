@@ -6,7 +6,8 @@ Policy (continuous batching with chunked prefill):
    step's token budget, so a long prompt never stalls the running streams;
 3. waiting requests are admitted, oldest first, while a seq_id, the token budget and KV cells allow;
    one whose remembered KV is still being read from disk waits (while others run) and lets the
-   requests behind it go first, so the disk read overlaps with their computation.
+   requests behind it go first, so the disk read overlaps with their computation; a read from
+   the shared tier is waited for even when nothing else runs, up to its deadline.
 With `max_prefills` set, at most that many multi-token chunks share a step: llama.cpp's CPU flash
 attention over a unified KV cache gives slightly different logits when two prompts are prefilled
 in one ubatch, and that would make a request's output depend on what else was in the batch.
@@ -89,8 +90,8 @@ class Scheduler:
         for group in list(self.waiting):
             if budget <= 0 or prefills <= 0:
                 break
-            if self.running and not group[0].is_restore_ready:
-                continue  # its KV is still being read from disk: others compute meanwhile
+            if (self.running or group[0].read_is_remote) and not group[0].is_restore_ready:
+                continue  # its KV is still being read: others compute meanwhile
             if not self._can_admit(group):
                 break
             self.waiting.remove(group)

@@ -55,6 +55,9 @@ class Sequence:
     followers: list[Sequence] = field(default_factory=list)
     # While its KV is being read from disk ahead of admission: says when the read is done.
     restore_ready: Callable[[], bool] | None = None
+    # The read is over the network (the shared tier): it is waited for even when nothing
+    # else runs, since a restore never waits on the network (its deadline bounds the wait).
+    read_is_remote: bool = False
 
     @property
     def num_output(self) -> int:

@@ -6,7 +6,8 @@ The header names the namespace (model file + KV settings), the block's key, its 
 its first position and the sequence-state layout. The parent keys are the chain index: a
 restarted server rebuilds every conversation's chain from the headers alone. A block is used
 only after its checksum, its key (recomputed from its parent and tokens) and its namespace
-check out; anything else is deleted, never handed to llama.cpp.
+check out; anything else is deleted, never handed to llama.cpp. The same bytes are a block's
+value in the shared tier (shared.py), checked by the same `open_block`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,48 @@ def block_key(parent: str, tokens: np.ndarray) -> str:
     return hashlib.sha256(parent.encode() + raw).hexdigest()[:32]
 
 
+def encode_block(namespace: str, key: str, parent: str, start: int, tokens: np.ndarray,
+                 layout: str, data: bytes) -> bytes:
+    """A block as one checksummed blob: the bytes of its file, and of its shared-tier value."""
+    body = np.ascontiguousarray(tokens, dtype="<i4").tobytes() + data
+    header = json.dumps({"namespace": namespace, "key": key, "parent": parent, "start": start,
+                         "num_tokens": len(tokens), "data_len": len(data), "layout": layout,
+                         "sha256": hashlib.sha256(body).hexdigest()}).encode()
+    return MAGIC + _HEADER_LEN.pack(len(header)) + header + body
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedBlock:
+    """A blob that checked out as the block it was asked for."""
+
+    start: int
+    layout: str
+    data: bytes  # KV bytes
+
+
+def open_block(raw: bytes, namespace: str, key: str, parent: str,
+               tokens: np.ndarray) -> OpenedBlock | None:
+    """The block in `raw` when it is exactly block `key` (child of `parent`, holding `tokens`)
+    of `namespace`, complete and with its checksum right; else None."""
+    split = _split(raw, namespace)
+    if split is None:
+        return None
+    header, offset = split
+    want = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
+    body = raw[offset:]
+    try:
+        data_len, start, layout = int(header["data_len"]), int(header["start"]), header["layout"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if (header.get("key") != key or header.get("parent") != parent
+            or not isinstance(layout, str)
+            or len(body) != len(want) + data_len or body[: len(want)] != want
+            or hashlib.sha256(body).hexdigest() != header.get("sha256")
+            or block_key(parent, tokens) != key):
+        return None
+    return OpenedBlock(start, layout, body[len(want):])
+
+
 @dataclass(frozen=True, slots=True)
 class BlockHeader:
     key: str
@@ -52,8 +95,7 @@ class BlockHeader:
 @dataclass(frozen=True, slots=True)
 class _Write:
     key: str
-    header: bytes
-    body: bytes  # tokens + data
+    blob: bytes  # encode_block's
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +127,13 @@ class BlockFiles:
     def write(self, key: str, parent: str, start: int, tokens: np.ndarray, layout: str,
               data: bytes) -> int:
         """Queue a block's file; returns its size on disk."""
-        body = np.ascontiguousarray(tokens, dtype="<i4").tobytes() + data
-        header = self._header(key, parent, start, tokens, layout, len(data),
-                              hashlib.sha256(body).hexdigest())
-        self._queue.put(_Write(key, header, body))
-        return len(MAGIC) + _HEADER_LEN.size + len(header) + len(body)
+        return self.write_blob(key, encode_block(self.namespace, key, parent, start, tokens,
+                                                 layout, data))
+
+    def write_blob(self, key: str, blob: bytes) -> int:
+        """Queue the file of a block already encoded (`encode_block`); returns its size."""
+        self._queue.put(_Write(key, blob))
+        return len(blob)
 
     def delete(self, key: str) -> None:
         self._queue.put(_Delete(key))
@@ -102,12 +146,6 @@ class BlockFiles:
     def close(self) -> None:
         self.flush()
         self._queue.put(None)
-
-    def _header(self, key: str, parent: str, start: int, tokens: np.ndarray, layout: str,
-                data_len: int, digest: str) -> bytes:
-        return json.dumps({"namespace": self.namespace, "key": key, "parent": parent,
-                           "start": start, "num_tokens": len(tokens), "data_len": data_len,
-                           "layout": layout, "sha256": digest}).encode()
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -125,12 +163,11 @@ class BlockFiles:
         path = self.path(item.key)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
-            f.write(MAGIC + _HEADER_LEN.pack(len(item.header)) + item.header)
-            f.write(item.body)
+            f.write(item.blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        self.num_bytes_written += len(item.body) + len(item.header)
+        self.num_bytes_written += len(item.blob)
 
     # --- reads --------------------------------------------------------------------------------
     def scan(self) -> list[BlockHeader]:
@@ -160,29 +197,12 @@ class BlockFiles:
                 return None
         except OSError:
             return None
-        data = self._verify(raw, key, parent, tokens)
-        if data is None:
+        block = open_block(raw, self.namespace, key, parent, tokens)
+        if block is None:
             log.warning("KV block %s is corrupt, truncated or foreign; recomputing", path.name)
             path.unlink(missing_ok=True)
-        return data
-
-    def _verify(self, raw: bytes, key: str, parent: str, tokens: np.ndarray) -> bytes | None:
-        split = _split(raw, self.namespace)
-        if split is None:
             return None
-        header, offset = split
-        want = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
-        body = raw[offset:]
-        try:
-            data_len = int(header["data_len"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        if (header.get("key") != key or header.get("parent") != parent
-                or len(body) != len(want) + data_len or body[: len(want)] != want
-                or hashlib.sha256(body).hexdigest() != header.get("sha256")
-                or block_key(parent, tokens) != key):
-            return None
-        return body[len(want):]
+        return block.data
 
     def _read_header(self, path: Path) -> BlockHeader | None:
         try:

@@ -10,7 +10,9 @@ Only full blocks have children; a conversation's last block may be partial, and 
 the next turn of the same conversation covers it. Saving a turn cuts and stores only the blocks
 not stored yet, so the bytes written per turn follow the new tokens, not the history.
 
-Blocks live in RAM, on disk (blockfiles.py), or both. Each tier evicts leaves first (a block is
+Blocks live in RAM, on disk (blockfiles.py), or both; a shared tier (shared.py) behind them
+gets each new block as it is cut, and hands back the blocks that continue a chain (`adopt`).
+Each tier evicts leaves first (a block is
 useless without its parents) by retention value: the tokens up to the block's end against its
 idleness. A shared block is touched whenever any of its conversations is, so it goes last.
 This module is the API the tiers above (a cluster's shared tier) can store blocks through:
@@ -22,11 +24,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from pensieve.memory.blockfiles import BlockFiles, BlockHeader, block_key
+from pensieve.memory.blockfiles import BlockFiles, BlockHeader, block_key, encode_block
 from pensieve.memory.kvstate import Layout, SeqState, UnknownLayout, assemble
 from pensieve.memory.prefix import Tier, is_covered, longest_prefix, prefix_key, retention_value
 
@@ -73,6 +77,24 @@ class BlockCounters:
     blocks_cut: int = 0
 
 
+class BlockSink(Protocol):
+    """Where new blocks are also sent, encoded (the shared tier's write-behind queue)."""
+
+    def put(self, key: str, blob: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedBlock:
+    """A block read from the shared tier and checked there (blockfiles.open_block)."""
+
+    key: str
+    parent: str
+    start: int
+    tokens: np.ndarray
+    layout: str  # kvstate.Layout.to_json() of the server that cut it
+    data: bytes
+
+
 def chain_seed(namespace: str, block_tokens: int) -> str:
     """The parent key of every chain's first block."""
     return hashlib.sha256(f"{namespace}|blocks={block_tokens}|v1".encode()).hexdigest()[:32]
@@ -87,6 +109,8 @@ class BlockStore:
         self.ram_budget = ram_budget
         self.disk_budget = disk_budget
         self.files = files
+        self.shared: BlockSink | None = None
+        self.namespace = namespace
         self.seed = chain_seed(namespace, block_tokens)
         self.layout: Layout | None = None
         self.ram_bytes = 0
@@ -103,13 +127,18 @@ class BlockStore:
     # --- save ---------------------------------------------------------------------------------
     def stored_prefix(self, tokens: np.ndarray) -> int:
         """How many leading tokens of `tokens` full stored blocks already cover."""
+        return self.chain_end(tokens)[1]
+
+    def chain_end(self, tokens: np.ndarray) -> tuple[str, int]:
+        """Where the chain of full stored blocks along `tokens` ends: (its last key, or the
+        seed; the position after it). The next block of `tokens` would be that key's child."""
         parent, start, b = self.seed, 0, self.block_tokens
         while start + b <= len(tokens):
             key = block_key(parent, tokens[start : start + b])
             if key not in self._blocks:
                 break
             parent, start = key, start + b
-        return start
+        return parent, start
 
     def save(self, tokens: np.ndarray, state: SeqState, first_pos: int = 0) -> None:
         """Store the chain of `tokens`, cutting from `state` only the blocks not stored yet.
@@ -120,17 +149,17 @@ class BlockStore:
         if self.layout is not None and state.layout != self.layout and first_pos:
             raise UnknownLayout("a partial state of another layout")
         self._adopt(state.layout)
-        now, parent = time.monotonic(), self.seed
+        now, parent, layout = time.monotonic(), self.seed, state.layout.to_json()
         for start in range(0, len(tokens), self.block_tokens):
             chunk = tokens[start : start + self.block_tokens]
             key = block_key(parent, chunk)
             blk = self._blocks.get(key)
+            is_new = blk is None
             if blk is None:
                 if start < first_pos:
                     raise UnknownLayout(f"the block at {start} is gone")
                 blk = self._cut(key, parent, start, chunk, state, now, first_pos)
-            if blk.disk_bytes == 0 and blk.data is not None:
-                self._write(blk, blk.data)
+            self._send_out(blk, layout, is_new=is_new)
             blk.last_used = now
             self._drop_covered_siblings(blk)
             parent = key
@@ -154,13 +183,21 @@ class BlockStore:
         self.counters.blocks_cut += 1
         return blk
 
-    def _write(self, blk: Block, data: bytes) -> None:
-        if self.files is None or self.layout is None or self.disk_budget <= 0:
+    def _send_out(self, blk: Block, layout: str, *, is_new: bool) -> None:
+        """Queue a RAM block for disk (when not there yet) and, when just cut, for the shared
+        tier; both get the same encoded blob."""
+        to_disk = (blk.disk_bytes == 0 and self.files is not None and self.disk_budget > 0)
+        to_shared = is_new and self.shared is not None
+        if blk.data is None or not (to_disk or to_shared):
             return
-        blk.disk_bytes = self.files.write(blk.key, blk.parent, blk.start, blk.tokens,
-                                          self.layout.to_json(), data)
-        self.disk_bytes += blk.disk_bytes
-        self.counters.bytes_to_disk += blk.disk_bytes
+        blob = encode_block(self.namespace, blk.key, blk.parent, blk.start, blk.tokens, layout,
+                            blk.data)
+        if to_disk and self.files is not None:
+            blk.disk_bytes = self.files.write_blob(blk.key, blob)
+            self.disk_bytes += blk.disk_bytes
+            self.counters.bytes_to_disk += blk.disk_bytes
+        if to_shared and self.shared is not None:
+            self.shared.put(blk.key, blob)
 
     def _link(self, blk: Block) -> None:
         self._blocks[blk.key] = blk
@@ -193,6 +230,37 @@ class BlockStore:
                 start += n
             break
         return path, start
+
+    def adopt(self, fetched: Iterable[FetchedBlock]) -> int:
+        """Take in blocks the shared tier fetched, a chain continuing one held here: kept in
+        RAM (as a disk read is) so that the next `match` finds the longer chain. Stops at a
+        block whose parent is gone or whose layout differs; returns the blocks taken."""
+        num_taken, now = 0, time.monotonic()
+        for f in fetched:
+            if f.key in self._blocks:
+                continue
+            if (f.parent != self.seed and f.parent not in self._blocks) \
+                    or self._is_partial_parent(f.parent) or not self._fits(f):
+                break
+            blk = Block(f.key, f.parent, f.start, f.tokens, len(f.data), now, data=f.data)
+            self._link(blk)
+            self.ram_bytes += blk.num_bytes
+            num_taken += 1
+        return num_taken
+
+    def _fits(self, f: FetchedBlock) -> bool:
+        """A fetched block's layout is this store's (or becomes it, in an empty store) and its
+        size agrees with it: assembling it cannot fail."""
+        try:
+            layout = Layout.from_json(f.layout)
+        except (ValueError, KeyError, TypeError):
+            return False
+        if self.layout is not None and layout != self.layout:
+            return False
+        if len(f.data) != len(f.tokens) * layout.cell_bytes:
+            return False
+        self.layout = layout
+        return True
 
     @staticmethod
     def tier_of(path: list[Block]) -> Tier:
@@ -262,20 +330,23 @@ class BlockStore:
                 "bytes_to_ram": self.counters.bytes_to_ram,
                 "bytes_to_disk": self.counters.bytes_to_disk}
 
-    def remove_conversation(self, key: str) -> bool:
-        """Forget one conversation: its blocks that no other conversation uses."""
+    def remove_conversation(self, key: str) -> list[str] | None:
+        """Forget one conversation: its blocks that no other conversation uses. Returns their
+        keys (None: no conversation has this key)."""
         for leaf in list(self._blocks.values()):
             if self._children.get(leaf.key):
                 continue
             chain = self._chain(leaf)
             if prefix_key(np.concatenate([b.tokens for b in chain])) != key:
                 continue
+            removed = []
             for blk in reversed(chain):
                 if self._children.get(blk.key):
                     break  # shared with another conversation from here up
                 self._remove(blk)
-            return True
-        return False
+                removed.append(blk.key)
+            return removed
+        return None
 
     def clear(self) -> None:
         for key in list(self._children.get(self.seed, ())):

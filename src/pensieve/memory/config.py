@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from pensieve.memory.shared_store import SharedConfig
+
 DEFAULT_BLOCK_TOKENS = 64
 
 
@@ -16,6 +18,7 @@ class MemoryConfig:
     disk_dir: str | None  # None: no disk tier
     namespace: str  # model file digest + KV settings; entries never cross namespaces
     block_tokens: int = DEFAULT_BLOCK_TOKENS  # 0: whole snapshots only
+    shared: SharedConfig | None = None  # a store shared with other servers (blocks only)
 
 
 def namespace_for(model_digest: str, **kv_settings: object) -> str:

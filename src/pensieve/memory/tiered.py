@@ -1,4 +1,5 @@
-"""The slower tiers together: RAM first, disk behind it, with hit and token counters per tier.
+"""The slower tiers together: RAM first, disk behind it, then an optional shared tier (shared.py,
+many servers' blocks in Redis), with hit and token counters per tier.
 
 A saved sequence state is cut into blocks (blocks.py) when its layout is recognised
 (kvstate.py); otherwise it is kept as a whole snapshot (tiers.py), with the reason logged once.
@@ -9,17 +10,21 @@ saved as blocks drops the snapshots it covers.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pensieve.memory.blockfiles import BlockFiles
-from pensieve.memory.blocks import Block, BlockStore
+from pensieve.memory.blocks import Block, BlockStore, FetchedBlock
 from pensieve.memory.config import MemoryConfig
 from pensieve.memory.kvstate import UnknownLayout, parse
-from pensieve.memory.prefix import Tier
+from pensieve.memory.prefix import Tier, prefix_key
+from pensieve.memory.shared import READ_WAIT_S, SharedTier
+from pensieve.memory.shared_store import SharedBlocks, open_store
 from pensieve.memory.tiers import DiskTier, RamTier, Snapshot
 
 log = logging.getLogger("pensieve.memory")
@@ -53,7 +58,24 @@ class EntryRow:
     num_shared: int = 0
 
 
-ReadAhead = Future[Snapshot | None] | Future[dict[str, bytes]]
+@dataclass(frozen=True, slots=True)
+class ReadAhead:
+    """The reads `prefetch` started for one request, which waits for them while others compute
+    (Scheduler): a disk read until it is done; a shared-tier read, over the network, until it
+    is done or its deadline passes (then the request computes what did not come in time)."""
+
+    disk: Future[Any] | None = None
+    shared: Future[list[FetchedBlock]] | None = None
+    deadline: float = 0.0  # time.monotonic()
+
+    @property
+    def is_remote(self) -> bool:
+        return self.shared is not None
+
+    def done(self) -> bool:
+        if self.disk is not None and not self.disk.done():
+            return False
+        return self.shared is None or self.shared.done() or time.monotonic() >= self.deadline
 
 # A disk prefix must beat RAM's by this many tokens to be worth reading ahead.
 _PREFETCH_MARGIN = 4
@@ -71,16 +93,19 @@ class TieredStore:
     """RAM and disk behind the live tier. Used from the engine thread only; disk reads ahead of a
     restore (`prefetch`) run on a reader thread and land in RAM when the engine next looks."""
 
-    def __init__(self, config: MemoryConfig) -> None:
+    def __init__(self, config: MemoryConfig, shared_store: SharedBlocks | None = None) -> None:
+        """`shared_store`: the shared tier's store (default: the one config.shared names)."""
         self.config = config
         self.ram = RamTier(config.ram_bytes)
         self.disk = (DiskTier(Path(config.disk_dir), config.namespace, config.disk_bytes)
                      if config.disk_dir else None)
         self.blocks = self._block_store(config) if config.block_tokens > 0 else None
+        self.shared = self._shared_tier(config, self.blocks, shared_store)
         self.stats = MemoryStats()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="pensieve-disk-read")
         self._reads: dict[str, Future[Snapshot | None]] = {}  # disk key -> read in flight/done
         self._block_reads: dict[str, Future[dict[str, bytes]]] = {}  # last block key -> read
+        self._shared_reads: dict[str, Future[list[FetchedBlock]]] = {}  # want's key -> read
         self._fallback_reasons: set[str] = set()
         if self.disk is not None and len(self.disk):
             log.info("memory: %d conversations on disk (%.1f MiB)", len(self.disk),
@@ -92,6 +117,22 @@ class TieredStore:
                  if config.disk_dir and config.disk_bytes > 0 else None)
         return BlockStore(config.namespace, config.block_tokens, config.ram_bytes,
                           config.disk_bytes, files)
+
+    @staticmethod
+    def _shared_tier(config: MemoryConfig, blocks: BlockStore | None,
+                     store: SharedBlocks | None) -> SharedTier | None:
+        if store is None and config.shared is None:
+            return None
+        if blocks is None:
+            raise ValueError("the shared memory tier holds KV blocks: it needs "
+                             "--memory-block-tokens above 0")
+        if store is None and config.shared is not None:
+            store = open_store(config.shared)
+        assert store is not None
+        tier = SharedTier(store, config.namespace, blocks.seed, blocks.block_tokens)
+        blocks.shared = tier
+        log.info("memory: shared tier %s", tier.store.name)
+        return tier
 
     # --- save ---------------------------------------------------------------------------------
     def stored_prefix(self, tokens: np.ndarray) -> int:
@@ -152,6 +193,7 @@ class TieredStore:
 
     # --- lookup and restore -------------------------------------------------------------------
     def _choose(self, want: np.ndarray) -> _Choice:
+        self._adopt_shared()
         _, ram_len = self.ram.best(want)
         disk_len = self.disk.best(want)[1] if self.disk is not None else 0
         snap = _Choice(Tier.RAM, ram_len, None) if ram_len >= disk_len else \
@@ -164,11 +206,19 @@ class TieredStore:
         return snap
 
     def prefetch(self, want: np.ndarray) -> ReadAhead | None:
-        """Start reading from disk what would serve `want`, when it beats RAM; the request can
-        wait for it while other sequences keep computing (see Scheduler)."""
+        """Start reading what would serve `want`: from disk when it beats RAM, and from the
+        shared tier the blocks past the local chain; the request can wait for them while
+        other sequences keep computing (see Scheduler)."""
         if len(want) == 0:
             return None
         choice = self._choose(want)
+        disk = self._prefetch_disk(want, choice)
+        shared = self._prefetch_shared(want, choice.length)
+        if disk is None and shared is None:
+            return None
+        return ReadAhead(disk, shared, time.monotonic() + READ_WAIT_S)
+
+    def _prefetch_disk(self, want: np.ndarray, choice: _Choice) -> Future[Any] | None:
         if choice.path is not None:
             return self._prefetch_blocks(choice.path)
         if self.disk is None or choice.tier is not Tier.DISK:
@@ -203,6 +253,35 @@ class TieredStore:
 
             self._block_reads[last] = self._reader.submit(read_all)
         return self._block_reads[last]
+
+    def _prefetch_shared(self, want: np.ndarray,
+                         local_len: int) -> Future[list[FetchedBlock]] | None:
+        """Ask the shared tier for the blocks that continue the local chain of `want`, when
+        what is held here leaves enough of it to compute."""
+        if self.shared is None or self.blocks is None \
+                or len(want) - local_len < _PREFETCH_MARGIN:
+            return None
+        key = prefix_key(want)
+        if key not in self._shared_reads:
+            while len(self._shared_reads) >= _MAX_READS_AHEAD:  # reads nobody came back for
+                self._shared_reads.pop(next(iter(self._shared_reads)))
+            parent, start = self.blocks.chain_end(want)
+            self._shared_reads[key] = self.shared.read_ahead(want.copy(), parent, start)
+        return self._shared_reads[key]
+
+    def _adopt_shared(self) -> None:
+        """Blocks the shared tier has fetched by now join the local chains (in RAM)."""
+        if self.blocks is None:
+            return
+        for key, read in list(self._shared_reads.items()):
+            if not read.done():
+                continue
+            del self._shared_reads[key]
+            error = None if read.cancelled() else read.exception()
+            if error is not None:  # a bug, not the store (its failures are misses)
+                log.warning("memory: a shared-tier read failed: %r", error)
+            elif not read.cancelled():
+                self.blocks.adopt(read.result())
 
     def best(self, want: np.ndarray) -> tuple[Tier, int]:
         choice = self._choose(want)
@@ -272,30 +351,43 @@ class TieredStore:
                        disk_bytes=self.disk.num_bytes + self._block_bytes(ram=False))
         if self.blocks is not None:
             out.update(self.blocks.summary())
+        if self.shared is not None:
+            out.update(self.shared.summary())
         return out
 
     def delete(self, key: str) -> int:
+        """Forget one conversation in RAM and on disk, and in the shared tier its blocks that
+        no other conversation held here uses; returns the entries removed."""
         removed = int(self.ram.remove(key))
         if self.disk is not None:
             removed += int(self.disk.remove(key))
-        if self.blocks is not None and self.blocks.remove_conversation(key):
+        gone = self.blocks.remove_conversation(key) if self.blocks is not None else None
+        if gone is not None:
             removed += 1
-            if self.blocks.files is not None:
+            if self.shared is not None:
+                self.shared.delete(gone)
+                self.shared.flush()
+            if self.blocks is not None and self.blocks.files is not None:
                 self.blocks.files.flush()
         return removed
 
     def clear(self) -> int:
-        """Forget everything in RAM and on disk; returns the entries removed."""
+        """Forget everything in RAM, on disk and in the shared tier's namespace; returns the
+        entries removed here."""
         keys = {row.key for row in self.entries()}
         removed = sum(self.delete(k) for k in keys)
         if self.blocks is not None:
             self.blocks.clear()
             if self.blocks.files is not None:
                 self.blocks.files.flush()  # the files are gone when this returns
+        if self.shared is not None:
+            self.shared.clear()
         return removed
 
     def close(self) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
+        if self.shared is not None:
+            self.shared.close()
         if self.disk is not None:
             self.disk.close()
         if self.blocks is not None and self.blocks.files is not None:

@@ -131,6 +131,8 @@ class _RuntimeCollector(Collector):
                                     labels=["model", "tier"])
         misses = CounterMetricFamily("pensieve_memory_misses", "Requests with no prefix in "
                                      "memory.", labels=labels)
+        shared = {key: CounterMetricFamily(f"pensieve_memory_{key}", text, labels=labels)
+                  for key, text in _SHARED_COUNTERS.items()}
         for served in self.runtime.models():
             name, client = served.name, served.client
             stats = client.stats
@@ -148,8 +150,24 @@ class _RuntimeCollector(Collector):
             for tier, value in _by_tier(memory.get("tokens_saved")).items():
                 saved.add_metric([name, tier], value)
             misses.add_metric([name], _count(memory.get("misses")))
+            for key, family in shared.items():
+                if key in memory:  # a shared tier is configured
+                    family.add_metric([name], _count(memory[key]))
         yield from (running, waiting, in_flight, loaded, rss, size, restarts, hits, saved,
-                    misses)
+                    misses, *shared.values())
+
+
+# The shared memory tier's counters (memory/shared.py), when a model has one.
+_SHARED_COUNTERS = {
+    "shared_hits": "Reads ahead from the shared memory tier that brought KV blocks.",
+    "shared_misses": "Reads ahead from the shared memory tier that brought none (nothing "
+                     "there, or the store unavailable).",
+    "shared_errors": "Calls to the shared memory tier's store that failed.",
+    "shared_bad_blobs": "Blobs from the shared memory tier refused by their checks, and "
+                        "deleted.",
+    "shared_bytes_written": "Bytes of KV blocks written to the shared memory tier.",
+    "shared_bytes_read": "Bytes of KV blocks read from the shared memory tier.",
+}
 
 
 def _by_tier(value: object) -> dict[str, float]:
