@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from pensieve.cluster import deployment
 from pensieve.cluster.messages import RemoteError, ReplicaStatus
 from pensieve.cluster.options import ClusterOptions
-from pensieve.cluster.replica import ReplicaSpec
+from pensieve.cluster.replica import ReplicaSpec, StepMessage
 from pensieve.cluster.routing import RoutingHints, block_hashes
 from pensieve.engine.backend import EngineObserver, EngineStats, RequestOutputs
 from pensieve.engine.client import ClientLimits, RequestTiming
@@ -39,6 +39,8 @@ from pensieve.errors import EngineError, PensieveError, WorkerCrashed
 log = logging.getLogger("pensieve.cluster")
 
 T = TypeVar("T")
+# the replica is gone (not a failure of the request itself)
+_GONE = (ray_errors.RayActorError, ray_errors.WorkerCrashedError, ray_errors.NodeDiedError)
 _STATUS_PERIOD_S = 1.0
 _STATUS_TIMEOUT_S = 3.0
 
@@ -120,14 +122,10 @@ class RayBackend:
         timing = RequestTiming(time.perf_counter(), self.name, self.observer)
         num_open = request.params.n
         try:
-            await self.ensure_started()
-            handle = self._handle
-            assert handle is not None
-            response = cast(DeploymentResponseGenerator[Any],
-                            handle.options(stream=True).generate.remote(
-                                request, hints=hints_for(request)))
+            response, first = await self._open(request)
             try:
-                async for message in response:
+                message: StepMessage | None = first
+                while message is not None:
                     for item in message:
                         if isinstance(item, RemoteError):
                             raise item.to_exception()
@@ -135,6 +133,7 @@ class RayBackend:
                             timing.observe(item)
                             num_open -= item.finish_reason is not None
                         yield item
+                    message = await anext(response, None)
             except (ray_errors.RayError, RayServeException) as exc:
                 raise _crashed(self.name, exc) from None
             finally:
@@ -144,6 +143,26 @@ class RayBackend:
             self.num_in_flight -= 1
             self.touch()
             timing.log(request.request_id, aborted=num_open > 0)
+
+    async def _open(self, request: EngineRequest
+                    ) -> tuple[DeploymentResponseGenerator[Any], StepMessage]:
+        """Send the request and wait for its first message. A replica that died before it
+        answered anything (Serve had not noticed yet) never started the request: it is sent
+        once more, and the router picks among the live replicas."""
+        handle = await self._started()
+        for attempt in range(2):
+            response = cast(DeploymentResponseGenerator[Any],
+                            handle.options(stream=True).generate.remote(
+                                request, hints=hints_for(request)))
+            try:
+                first: StepMessage = await anext(response)
+                return response, first
+            except (ray_errors.RayError, RayServeException) as exc:
+                if attempt > 0 or not isinstance(exc, _GONE):
+                    raise _crashed(self.name, exc) from None
+                log.warning("%s: a replica was gone before it accepted %s; sending it again",
+                            self.name, request.request_id)
+        raise AssertionError("unreachable")
 
     # --- one request, one answer --------------------------------------------------------------
     async def tokenize(self, text: str, add_special: bool = True) -> list[int]:
