@@ -17,6 +17,7 @@ from pathlib import Path
 from tests.support.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+OBJECT_STORE_BYTES = 256 << 20  # per node; step messages are small
 
 
 @dataclass
@@ -93,7 +94,8 @@ def _ray_start(env: dict[str, str], *args: str) -> None:
 
 def _node_ports() -> list[str]:
     """Each node's own agent and manager ports: two raylets on one machine cannot share."""
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+    return ["--object-store-memory", str(OBJECT_STORE_BYTES),
+            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
             "--dashboard-agent-listen-port", str(free_port()),
             "--dashboard-agent-grpc-port", str(free_port()),
             "--metrics-export-port", str(free_port()),
