@@ -18,6 +18,9 @@ from tests.support.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT_STORE_BYTES = 256 << 20  # per node; step messages are small
+# Every node on loopback. Not 127.0.0.1: Ray swaps "localhost" addresses for the machine's
+# network address (so other machines could reach it); any other 127.x address it keeps.
+NODE_IP = "127.0.0.2"
 
 
 @dataclass
@@ -51,14 +54,14 @@ def start_ray_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="pray-", dir="/tmp"))
     env = cluster_env()
     port = free_port()
-    cluster = RayCluster(f"127.0.0.1:{port}", temp_dir, env)
+    cluster = RayCluster(f"{NODE_IP}:{port}", temp_dir, env)
     try:
-        _ray_start(env, "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+        _ray_start(env, "--head", "--port", str(port), "--node-ip-address", NODE_IP,
                    "--num-cpus", str(cpus_per_node), "--temp-dir", str(temp_dir),
                    "--include-dashboard=false", "--disable-usage-stats",
                    "--ray-client-server-port", str(free_port()), *_node_ports())
         for _ in range(num_nodes - 1):
-            _ray_start(env, "--address", cluster.address, "--node-ip-address", "127.0.0.1",
+            _ray_start(env, "--address", cluster.address, "--node-ip-address", NODE_IP,
                        "--num-cpus", str(cpus_per_node), *_node_ports())
     except BaseException:
         cluster.processes()
