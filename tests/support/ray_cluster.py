@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,7 +73,15 @@ def start_ray_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> RayCluster:
 
 
 def stop_ray_cluster(cluster: RayCluster, timeout: float = 30.0) -> set[int]:
-    """SIGTERM every process of ours, SIGKILL what is left; returns the pids still alive."""
+    """SIGTERM every process of ours, SIGKILL what is left; returns the pids still alive.
+    Once none is, the temp dir (sessions, logs) goes too."""
+    left = _stop(cluster, timeout)
+    if not left:
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    return left
+
+
+def _stop(cluster: RayCluster, timeout: float) -> set[int]:
     pids = cluster.alive()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
