@@ -61,12 +61,15 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed: the browser tests will fail (apt-get install chromium)"
 
+# The default suite first, before the cluster extra is installed (on a fresh clone it then runs
+# without ray and redis, as a default install does), then the cluster tests.
 test: install-test $(GPU_STAMP) chromium
 	$(BIN)/python -m pytest $(ARGS)
+	$(MAKE) test-cluster ARGS="$(ARGS)"
 
 # Cluster mode (Ray Serve replicas, the shared memory tier on Redis): its own extra and a
-# redis-server (Debian's), started by the tests on loopback ports. `make test` does not collect
-# tests/cluster (tests/conftest.py); this target does.
+# redis-server (Debian's), started by the tests on loopback ports. The default suite does not
+# collect tests/cluster (tests/conftest.py); this target does (a few minutes).
 test-cluster: install-cluster $(GPU_STAMP)
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
 		|| echo "redis-server could not be installed: the cluster tests will fail (apt-get install redis-server)"
@@ -77,7 +80,8 @@ docs: install
 	$(BIN)/python -m pensieve.cli.config_docs docs/configuration.md
 
 # ruff on everything; mypy (configured in pyproject.toml) on src/pensieve.
-lint: install-test
+# mypy checks cluster mode too, so lint installs its extra.
+lint: install-cluster
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 

@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pensieve.cluster.options import ADMIN_HEADROOM, ClusterOptions
 from pensieve.engine.config import (
     KV_CACHE_TYPES,
     ClientLimits,
@@ -175,6 +176,40 @@ class Settings(BaseSettings):
     responses_max_age_days: float = Field(
         30.0, ge=0, le=36500, description="Stored responses older than this many days are "
         "removed. 0: no age limit.")
+
+    # --- cluster mode: engines as Ray Serve replicas (docs/cluster.md) ---
+    cluster: str | None = Field(
+        None, description="Run the model's engines as Ray Serve replicas on this Ray cluster "
+        "(needs the `cluster` extra): host:port as `ray start --head` prints it, auto (the "
+        "cluster this machine is a node of) or ray://host:port. This server stays the "
+        "ingress and routes each conversation to one replica. Empty: one local worker, no "
+        "Ray.")
+    replicas: int = Field(1, ge=1, le=1024, description="Engine replicas to deploy with "
+                          "--cluster (the initial number under autoscaling).")
+    replicas_min: int | None = Field(
+        None, ge=0, le=1024, description="With --cluster, let Serve autoscale the replicas "
+        "down to this many (set it or --replicas-max to autoscale).")
+    replicas_max: int | None = Field(
+        None, ge=1, le=1024, description="With --cluster, let Serve autoscale the replicas up "
+        "to this many.")
+    max_replicas_per_node: int = Field(
+        1, ge=0, le=1024, description="With --cluster, replicas one Ray node runs at most "
+        "(each holds its own copy of the model and KV). 0: no limit.")
+    replica_cpus: float | None = Field(
+        None, gt=0, le=1024, description="With --cluster, CPUs Ray reserves for each replica. "
+        "Default: --threads.")
+
+    @field_validator("cluster")
+    @classmethod
+    def _empty_cluster_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        low, high = self.replicas_min, self.replicas_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"--replicas-min {low} is above --replicas-max {high}")
+        return self
 
     @field_validator("tensor_split", mode="before")
     @classmethod
@@ -397,6 +432,16 @@ class Settings(BaseSettings):
 
         return ResponseStoreConfig(self.data_dir / "responses", self.responses_max_stored,
                                    self.responses_max_age_days * 86400.0 or None)
+
+    def cluster_options(self) -> ClusterOptions:
+        """The replicas' shape; a conversation's replica counts as overloaded past --parallel
+        requests in flight, and Serve sends one at most what its queue takes."""
+        assert self.cluster is not None
+        return ClusterOptions(
+            self.cluster, self.replicas, self.replicas_min, self.replicas_max,
+            self.max_replicas_per_node or None, self.replica_cpus or float(self.threads),
+            max_queue=self.parallel,
+            max_ongoing=self.parallel + self.max_queue + ADMIN_HEADROOM)
 
     def client_limits(self) -> ClientLimits:
         return ClientLimits(max_in_flight=self.parallel + self.max_queue,

@@ -3,9 +3,9 @@ lifecycle: a model loads on first use, several stay resident within a memory bud
 plus a KV estimate, least recently used unloaded first), and idle ones unload after their
 keep_alive.
 
-Loading happens in the model's own `EngineClient` (off the event loop, under that client's
-lock), so a model that is loading never stalls requests to the others; only the short
-bookkeeping of making room takes the runtime's lock.
+Loading happens in the model's own backend (`EngineBackend`: a local `EngineClient` by
+default, off the event loop, under that client's lock), so a model that is loading never stalls
+requests to the others; only the short bookkeeping of making room takes the runtime's lock.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pensieve.engine.client import EngineClient, EngineObserver
+from pensieve.engine.backend import BackendFactory, EngineBackend, EngineObserver
+from pensieve.engine.client import EngineClient
 from pensieve.engine.config import ClientLimits, EngineConfig
 from pensieve.engine.devices import kv_type_problem, model_shape, plan_placement
 from pensieve.errors import InvalidRequest, ModelNotFound, PensieveError
@@ -55,7 +56,7 @@ class ServiceBusy(PensieveError):
 @dataclass(slots=True)
 class ServedModel:
     name: str
-    client: EngineClient
+    client: EngineBackend
     created: int = field(default_factory=lambda: int(time.time()))
     digest: str | None = None
     num_weight_bytes: int = 0
@@ -111,20 +112,22 @@ class ModelRuntime:
     def __init__(self, store: ModelStore | None = None,
                  make_config: ConfigFactory | None = None,
                  lifecycle: LifecycleConfig | None = None,
-                 pull_policy: NetPolicy | None = None) -> None:
+                 pull_policy: NetPolicy | None = None,
+                 make_backend: BackendFactory | None = None) -> None:
         self._models: dict[str, ServedModel] = {}
         self.observer: EngineObserver | None = None  # metrics; given to every client it makes
         self._aliases: dict[str, str] = {}
         self.store = store
         self.pull_policy = pull_policy or NetPolicy()  # where /api/pull may connect
         self._make_config = make_config
+        self._make_backend = make_backend or _local_backend  # store models' engines
         self.lifecycle = lifecycle or LifecycleConfig(1 << 62, 0, None)
         self._room_lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._unloads: set[asyncio.Task[None]] = set()
 
     # --- names -------------------------------------------------------------------------------
-    def add(self, name: str, client: EngineClient, *, digest: str | None = None,
+    def add(self, name: str, client: EngineBackend, *, digest: str | None = None,
             keep_alive: float | None = None,
             defaults: ModelDefaults | None = None) -> ServedModel:
         """Serve `client` under `name` (a pinned alias, e.g. `serve --model PATH`), with
@@ -190,8 +193,8 @@ class ModelRuntime:
         path = self.store.blob_path(manifest.digest)
         config = self._make_config(str(path), manifest.digest, manifest.defaults)
         name = str(manifest.name)
-        client = EngineClient(name, config, log_level=self.lifecycle.log_level,
-                              limits=self.lifecycle.client_limits)
+        client = self._make_backend(name, config, self.lifecycle.log_level,
+                                    self.lifecycle.client_limits)
         client.observer = self.observer
         file_defaults = file_model_defaults(str(path))
         served = ServedModel(name, client, created=int(manifest.created),
@@ -339,6 +342,11 @@ class ModelRuntime:
             self._reaper.cancel()
         for served in self._models.values():
             await served.client.stop()
+
+
+def _local_backend(name: str, config: EngineConfig, log_level: int,
+                   limits: ClientLimits | None) -> EngineBackend:
+    return EngineClient(name, config, log_level=log_level, limits=limits)
 
 
 def resident_bytes(pid: int | None) -> int | None:

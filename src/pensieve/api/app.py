@@ -22,7 +22,7 @@ from pensieve.api.ollama import routes as ollama
 from pensieve.api.openai import embeddings, responses
 from pensieve.api.openai import routes as openai
 from pensieve.api.openai.responses_store import ResponseStore, ResponseStoreConfig
-from pensieve.engine.client import EngineClient
+from pensieve.engine.backend import EngineBackend
 from pensieve.runtime import ModelRuntime
 
 log = logging.getLogger("pensieve.api")
@@ -83,15 +83,19 @@ def create_app(runtime: ModelRuntime, safety: SafetyConfig | None = None,
     return app
 
 
-def _model_status(client: EngineClient) -> dict[str, object]:
+def _model_status(client: EngineBackend) -> dict[str, object]:
     stats = client.stats
-    return {"state": "ready" if client.is_running else "not loaded", "pid": client.pid,
-            "num_running": stats.num_running, "num_waiting": stats.num_waiting,
-            "num_restarts": stats.num_restarts, "memory": stats.memory,
-            "hardware": _hardware(client)}
+    status: dict[str, object] = {
+        "state": "ready" if client.is_running else "not loaded", "pid": client.pid,
+        "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+        "num_restarts": stats.num_restarts, "memory": stats.memory,
+        "hardware": _hardware(client)}
+    if stats.replicas is not None:  # a cluster: each replica's node, pid, load, memory
+        status["replicas"] = stats.replicas
+    return status
 
 
-def _hardware(client: EngineClient) -> dict[str, object]:
+def _hardware(client: EngineBackend) -> dict[str, object]:
     """Where the model runs (once loaded) and its KV cache types."""
     ctx = client.config.context
     hardware: dict[str, object] = {"cache_type_k": ctx.type_k, "cache_type_v": ctx.type_v}

@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pensieve.api import reply, tool_formats, tools
+from pensieve.api import reply, routing_hints, tool_formats, tools
 from pensieve.api.model_defaults import fill_defaults, with_system_prompt
-from pensieve.engine.client import EngineClient
+from pensieve.engine.backend import EngineBackend
 from pensieve.engine.types import (
     EngineRequest,
     FinishReason,
@@ -111,6 +111,12 @@ class GenerationRequest:
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     # Split reasoning (`<think>...</think>`) from the answer; False keeps it in the text.
     split_reasoning: bool = True
+    # The conversation this continues (a family's own field: OpenAI's `user`, a Responses
+    # chain); an `X-Session-Id` header wins over it. A cluster routes by it (routing_hints).
+    session_id: str | None = None
+    # With no session named, the request's own id names one (a Responses chain's first turn,
+    # so its follow-ups go where its KV is).
+    starts_session: bool = False
 
 
 # --- the events --------------------------------------------------------------------------------
@@ -256,20 +262,25 @@ async def start(runtime: ModelRuntime, request: GenerationRequest) -> Generation
     fmt = tool_formats.detect(template.source) if request.tools else None
     params = _final_params(request, served.defaults, fmt)
     rid = f"{request.id_prefix}{uuid.uuid4().hex}"
+    session = routing_hints.header_session() or request.session_id \
+        or (rid if request.starts_session else None)
     think = reply.think_markers(template.source) if request.split_reasoning else None
     engine_reqs, opened = [], []
     for i, prompt in enumerate(request.prompts):
         text = None if prompt.tokens is not None else \
             render_prompt(info, prompt, request.tools, served.defaults, request.template_kwargs)
         engine_reqs.append(_engine_request(f"{rid}-{i}" if i else rid, prompt, text, params,
-                                           request))
+                                           request, session))
         opened.append(bool(think and text and prompt.messages is not None
                            and reply.opens_reasoning(text, think)))
     streams = await _submit_all(served.client, engine_reqs)
     timings.accepted_ns = time.perf_counter_ns()
+    routing_hints.note_replica(streams[0].replica)
     parsers = _Parsers(fmt, think if any(p.messages is not None for p in request.prompts)
                        else None, opened, request.params.n)
-    return Generation(rid, served, request, streams, timings, parsers)
+    generation = Generation(rid, served, request, streams, timings, parsers)
+    generation.session_id = session
+    return generation
 
 
 async def count_prompt_tokens(runtime: ModelRuntime, request: GenerationRequest) -> int:
@@ -365,11 +376,12 @@ def _native_messages(turns: tuple[Turn, ...]) -> list[dict[str, Any]]:
 
 
 def _engine_request(rid: str, prompt: Prompt, text: str | None, params: SamplingParams,
-                    request: GenerationRequest) -> EngineRequest:
+                    request: GenerationRequest, session: str | None) -> EngineRequest:
     if prompt.tokens is not None:
         return EngineRequest(rid, params, prompt_tokens=prompt.tokens,
-                             use_cache=request.use_cache)
-    return EngineRequest(rid, params, prompt=text, use_cache=request.use_cache)
+                             use_cache=request.use_cache, session_id=session)
+    return EngineRequest(rid, params, prompt=text, use_cache=request.use_cache,
+                         session_id=session)
 
 
 @dataclass(slots=True)
@@ -379,9 +391,11 @@ class _Stream:
     outputs: AsyncIterator[RequestAccepted | SeqOutput]
     num_prompt_tokens: int
     offset: int
+    replica: str | None = None  # the cluster replica that accepted it
 
 
-async def _submit_all(client: EngineClient, requests: list[EngineRequest]) -> list[_Stream]:
+async def _submit_all(client: EngineBackend, requests: list[EngineRequest]
+                      ) -> list[_Stream]:
     streams: list[_Stream] = []
     try:
         for req in requests:
@@ -390,6 +404,7 @@ async def _submit_all(client: EngineClient, requests: list[EngineRequest]) -> li
             first = await anext(outputs)
             assert isinstance(first, RequestAccepted)
             streams[-1].num_prompt_tokens = first.num_prompt_tokens
+            streams[-1].replica = first.replica
     except BaseException:
         for s in streams:
             await s.outputs.aclose()  # type: ignore[attr-defined]
@@ -427,6 +442,7 @@ class Generation:
         self.model = served.name
         self.request = request
         self.timings = timings
+        self.session_id: str | None = None  # the conversation it was routed by, if any
         self.num_choices = len(streams) * request.params.n
         self.usage = Usage(num_prompt_tokens=sum(s.num_prompt_tokens for s in streams))
         self._streams = streams

@@ -8,6 +8,7 @@ the script again, and so imports this module; each command imports what it needs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -105,11 +106,17 @@ def _early_worker(argv: list[str]) -> WorkerProcess | None:
     """For `pensieve serve`, a model worker started before anything heavy is imported: it
     imports llama.cpp while this process imports the server, then loads the model as soon as
     `serve` knows which (`EngineClient.adopt`)."""
-    if argv[:1] != ["serve"] or {"-h", "--help"} & set(argv):
+    if argv[:1] != ["serve"] or {"-h", "--help"} & set(argv) or _is_cluster(argv):
         return None
     from pensieve.engine.worker import spawn_worker
 
     return spawn_worker()
+
+
+def _is_cluster(argv: list[str]) -> bool:
+    """Cluster mode runs the engines in Ray replicas: no local worker to start early."""
+    return bool(os.environ.get("PENSIEVE_CLUSTER")) or any(
+        a == "--cluster" or a.startswith("--cluster=") for a in argv)
 
 
 def _console(*, stderr: bool = False) -> Any:

@@ -26,8 +26,9 @@ from pensieve.config import (
     memory_budget_bytes,
     store_dir,
 )
+from pensieve.engine.backend import BackendFactory, EngineBackend
 from pensieve.engine.client import EngineClient
-from pensieve.engine.config import EngineConfig
+from pensieve.engine.config import ClientLimits, EngineConfig
 from pensieve.engine.devices import kv_type_problem, plan_for, summary
 from pensieve.errors import PensieveError
 from pensieve.logs import setup_logging
@@ -112,11 +113,18 @@ def serve(settings: Settings, worker: WorkerProcess | None = None) -> int:
             gguf, settings.cache_type_k, settings.cache_type_v)
         digest = _digest(settings, path)
         config = settings.engine_config(str(path), digest)
-        client = EngineClient(name, config, log_level=level, limits=settings.client_limits())
-        if worker is not None and refusal is None:
-            client.adopt(worker)  # the model loads from here on, while the API is imported
+        if refusal is None and settings.cluster is not None:
+            make_backend = cluster_backends(settings)  # joins the cluster, or refuses
+            client = make_backend(name, config, level, settings.client_limits())
+        else:
+            make_backend = None
+            client = EngineClient(name, config, log_level=level,
+                                  limits=settings.client_limits())
+            if worker is not None and refusal is None:
+                client.adopt(worker)  # the model loads from here on, while the API imports
         hardware = summary(plan_for(gguf, config.context, settings.gpu_config())[1])
-    except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError) as exc:
+    except (FileNotFoundError, DefaultModelUnavailable, PensieveError, OSError,
+            ClusterUnavailable) as exc:
         console.print(f"[red]Cannot start:[/red] {exc}")
         return 2
     if refusal is not None:
@@ -124,7 +132,7 @@ def serve(settings: Settings, worker: WorkerProcess | None = None) -> int:
         return 2
     store = ModelStore(store_dir(settings))
     store.prune()  # as Ollama does at startup: unused blobs and crashed uploads
-    runtime = build_runtime(settings, store, level)
+    runtime = build_runtime(settings, store, level, make_backend)
     defaults = _register_default_model(store, path, name) if settings.model is None else None
     runtime.add(name, client, digest=digest, defaults=defaults)
     return _run_http(settings, runtime, name, hardware)
@@ -155,7 +163,36 @@ def _run_http(settings: Settings, runtime: ModelRuntime, name: str, hardware: st
     return 0
 
 
-def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> ModelRuntime:
+class ClusterUnavailable(Exception):
+    """--cluster names a Ray cluster that cannot be joined (or Ray is not installed)."""
+
+
+def cluster_backends(settings: Settings) -> BackendFactory:
+    """Join the Ray cluster of --cluster; every model then runs as Serve replicas there.
+    Ray is imported here and nowhere on the default path."""
+    try:
+        from pensieve.cluster.backend import RayBackend
+        from pensieve.cluster.deployment import ClusterUnavailable as RayUnreachable
+        from pensieve.cluster.deployment import connect
+    except ImportError as exc:
+        raise ClusterUnavailable(
+            f"--cluster needs Ray ({exc.name} is not installed): pip install "
+            "'pensieve-server[cluster]'") from None
+    options = settings.cluster_options()
+    try:
+        connect(options)
+    except RayUnreachable as exc:
+        raise ClusterUnavailable(str(exc)) from None
+
+    def make(name: str, config: EngineConfig, log_level: int,
+             limits: ClientLimits | None) -> EngineBackend:
+        return RayBackend(name, config, options, log_level=log_level, limits=limits)
+
+    return make
+
+
+def build_runtime(settings: Settings, store: ModelStore, log_level: int,
+                  make_backend: BackendFactory | None = None) -> ModelRuntime:
     def make_config(path: str, digest: str, defaults: ModelDefaults) -> EngineConfig:
         config = settings.engine_config(path, digest)
         if defaults.num_ctx is None:
@@ -166,7 +203,7 @@ def build_runtime(settings: Settings, store: ModelStore, log_level: int) -> Mode
     lifecycle = LifecycleConfig(memory_budget_bytes(settings), settings.max_loaded_models,
                                 parse_keep_alive(settings.keep_alive), log_level,
                                 settings.client_limits(), device_budget_bytes(settings))
-    return ModelRuntime(store, make_config, lifecycle, settings.pull_policy())
+    return ModelRuntime(store, make_config, lifecycle, settings.pull_policy(), make_backend)
 
 
 def _register_default_model(store: ModelStore, path: Path, name: str) -> ModelDefaults:
@@ -210,4 +247,13 @@ def banner_text(settings: Settings, name: str, hardware: str | None = None) -> s
         f"  ollama    OLLAMA_HOST={url} ollama run {name}   |   ollama.Client(host=\"{url}\")",
         f"  API       {url}/docs",
         *([f"  hardware  {hardware}; KV cache {settings.kv_type_label}"] if hardware else []),
+        *([f"  cluster   Ray at {settings.cluster}: {_replica_count(settings)} engine "
+           "replicas (Ray Serve), this server the ingress"] if settings.cluster else []),
     ])
+
+
+def _replica_count(settings: Settings) -> str:
+    low, high = settings.replicas_min, settings.replicas_max
+    if low is None and high is None:
+        return str(settings.replicas)
+    return f"{settings.replicas} (autoscaled {low if low is not None else 1}-{high or '...'})"

@@ -16,11 +16,11 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
-from typing import Protocol
 
+from pensieve.engine.backend import EngineObserver, EngineStats, RequestOutputs
 from pensieve.engine.config import ClientLimits, EngineConfig
 from pensieve.engine.types import (
     AbortRequest,
@@ -57,36 +57,16 @@ log = logging.getLogger("pensieve.client")
 _LOAD_TIMEOUT_S = 300.0
 _STOP_TIMEOUT_S = 10.0
 
-# An async generator (not just an iterator), so callers can aclose() it to abort the request.
-RequestOutputs = AsyncGenerator[SeqOutput | RequestAccepted, None]
-
 
 @dataclass(frozen=True, slots=True)
 class _Crash:
     message: str
 
 
-class EngineObserver(Protocol):
-    """Receives what the metrics need; every hook is called on the event loop."""
-
-    def on_step(self, model: str, num_batch_tokens: int) -> None: ...
-    def on_first_token(self, model: str, seconds: float) -> None: ...
-    def on_tokens(self, model: str, num_tokens: int, gap_s: float | None) -> None: ...
-    def on_finish(self, model: str, num_prompt_tokens: int) -> None: ...
-    def on_rejected(self, model: str, reason: str) -> None: ...
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_batch_tokens: int = 0
-    num_restarts: int = 0
-    memory: dict[str, object] | None = None
 
 
 class EngineClient:
-    """Starts, feeds and watches one worker process."""
+    """Starts, feeds and watches one worker process: the local `EngineBackend`."""
 
     def __init__(self, name: str, config: EngineConfig, *, log_level: int = logging.INFO,
                  limits: ClientLimits | None = None):
@@ -283,7 +263,7 @@ class EngineClient:
         rid = request.request_id
         stream: asyncio.Queue[object] = asyncio.Queue()
         num_open = request.params.n
-        timing = _RequestTiming(time.perf_counter(), self.name, self.observer)
+        timing = RequestTiming(time.perf_counter(), self.name, self.observer)
         deadline: _Deadline | None = None
         try:
             await self.ensure_started()
@@ -406,7 +386,7 @@ class _Deadline:
 
 
 @dataclass(slots=True)
-class _RequestTiming:
+class RequestTiming:
     """Per-request numbers for the log line and the metrics (no prompt text is ever logged)."""
 
     started: float

@@ -79,6 +79,10 @@ class EngineRequest:
     prompt_tokens: tuple[int, ...] | None = None
     add_special: bool = True  # let the tokenizer add BOS where the model wants one
     use_cache: bool = True  # reuse KV of earlier requests sharing a prefix (exact match only)
+    # The conversation this request continues (X-Session-Id, OpenAI `user`, a Responses
+    # chain): a hint for a cluster's router, which keeps a conversation on one replica. A
+    # local worker ignores it.
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,7 @@ class RequestAccepted:
 
     request_id: str
     num_prompt_tokens: int
+    replica: str | None = None  # which of a cluster's replicas runs it (None: a local worker)
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,7 +217,8 @@ class MessagesRequest(_MessagesFields, RepetitionFields):
         sent = sent_fields(self.model_fields_set, _RENAMES)  # max_tokens: always sent
         return GenerationRequest(self.model, params, (self.prompt(),), sent,
                                  response_format, self.tool_spec(), id_prefix="msg_",
-                                 template_kwargs=self.template_kwargs())
+                                 template_kwargs=self.template_kwargs(),
+                                 session_id=self.metadata.user_id if self.metadata else None)
 
 
 class CountTokensRequest(_MessagesFields):

@@ -2,7 +2,9 @@
 
 The id is the client's `X-Request-Id` when it is sane (short, plain characters), else a new one;
 it is returned in the `X-Request-Id` response header and set in `logs.request_id_var`, so every
-log line of the request names it. The access line has method, path, status and duration - never
+log line of the request names it. It also holds the request's routing context
+(api/routing_hints.py): the `X-Session-Id` it came with, and the `X-Pensieve-Replica` that
+answered it in a cluster. The access line has method, path, status and duration - never
 the body, the query string or headers.
 """
 
@@ -16,6 +18,12 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pensieve.api.middleware.metrics import Metrics
+from pensieve.api.routing_hints import (
+    REPLICA_HEADER_B,
+    RequestRouting,
+    routing_var,
+    session_from_headers,
+)
 from pensieve.logs import request_id_var
 
 log = logging.getLogger("pensieve.http")
@@ -45,6 +53,8 @@ class RequestContextMiddleware:
             return
         rid = request_id_from(scope)
         token = request_id_var.set(rid)
+        routing = RequestRouting(session_from_headers(scope["headers"]))
+        routing_token = routing_var.set(routing)
         started = time.perf_counter()
         status = 500  # if the app fails before starting a response, uvicorn answers 500
 
@@ -53,13 +63,17 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [h for h in message.get("headers", []) if h[0].lower() != HEADER_B]
-                message = {**message, "headers": [*headers, (HEADER_B, rid.encode())]}
+                headers.append((HEADER_B, rid.encode()))
+                if routing.replica is not None:
+                    headers.append((REPLICA_HEADER_B, routing.replica.encode("latin-1")))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             self._record(scope, status, time.perf_counter() - started)
+            routing_var.reset(routing_token)
             request_id_var.reset(token)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:

@@ -166,7 +166,8 @@ class _SamplingFields(StrictBody, RepetitionFields):
         fmt = self.response_format.to_format() if self.response_format else None
         sent = sent_fields(self.model_fields_set, _RENAMES)
         return gen.GenerationRequest(self.model, params, prompts, sent, fmt, spec,
-                                   self.keep_alive, self.cache_prompt, id_prefix)
+                                   self.keep_alive, self.cache_prompt, id_prefix,
+                                   session_id=self.user)
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: bool,
                         top_logprobs: int) -> SamplingParams:

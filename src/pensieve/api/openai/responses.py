@@ -12,6 +12,7 @@ last event goes out, so a follow-up sent at once finds it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -65,11 +66,15 @@ async def create_response(body: ResponsesRequest,
     body.check_supported()
     new_items = body.input_items()
     carried: list[Item] = []
+    session: str | None = None  # the chain's conversation, which a cluster routes by
     if body.previous_response_id is not None:
         previous = await _stored(request, body.previous_response_id, "previous_response_id")
         carried = [*previous.input, *previous.response["output"]]
+        session = previous.session or previous.id
     conversation = [*carried, *new_items]
-    generate = body.to_generate(to_turns(conversation, body.instructions))
+    generate = dataclasses.replace(
+        body.to_generate(to_turns(conversation, body.instructions)),
+        session_id=session or body.user, starts_session=session is None)
     runtime: ModelRuntime = request.app.state.runtime
     gen = await start(runtime, generate)
     run = _Run(gen, body, conversation, _store(request))
@@ -119,7 +124,8 @@ class _Run:
         if not self.body.store:
             return
         try:
-            await asyncio.to_thread(self.store.save, StoredResponse(response, self.conversation))
+            stored = StoredResponse(response, self.conversation, self.gen.session_id)
+            await asyncio.to_thread(self.store.save, stored)
         except OSError as exc:  # the answer still goes out; only its follow-ups will miss it
             log.error("could not store response %s: %s", response["id"], exc)
 

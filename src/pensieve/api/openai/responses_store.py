@@ -42,14 +42,17 @@ class ResponseStoreConfig:
 class StoredResponse:
     response: dict[str, Any]  # the Response object, as it was returned
     input: list[dict[str, Any]]  # every item of the model's input, carried ones included
+    session: str | None = None  # the conversation its chain is routed by (a cluster's hint)
 
     @property
     def id(self) -> str:
         return str(self.response["id"])
 
     def to_json(self) -> str:
-        return json.dumps({"response": self.response, "input": self.input},
-                          ensure_ascii=False, separators=(",", ":"))
+        data: dict[str, Any] = {"response": self.response, "input": self.input}
+        if self.session is not None:
+            data["session"] = self.session
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> StoredResponse:
@@ -57,7 +60,9 @@ class StoredResponse:
         if not isinstance(data, dict) or not isinstance(data.get("response"), dict) \
                 or not isinstance(data.get("input"), list):
             raise ValueError("not a stored response")
-        return cls(data["response"], data["input"])
+        session = data.get("session")
+        return cls(data["response"], data["input"],
+                   session if isinstance(session, str) else None)
 
 
 def is_response_id(value: str) -> bool:
