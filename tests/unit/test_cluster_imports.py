@@ -3,10 +3,6 @@ the app and its routes) never imports `ray` or `redis`, installed or not."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-
 from tests.unit.test_worker_imports import heavy, modules_after
 
 CLUSTER_ONLY = ("ray", "redis")
@@ -23,10 +19,3 @@ def test_the_server_imports_neither_ray_nor_redis() -> None:
         "import pensieve.cluster.routing\n")
     assert {"pensieve.api.app", "pensieve.cli.serve", "pensieve.cluster.routing"} <= modules
     assert heavy(modules, CLUSTER_ONLY) == []
-
-
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the cluster extra is "
-                    "not installed")
-def test_the_check_sees_ray_where_cluster_mode_imports_it() -> None:
-    modules = modules_after("import pensieve.cluster.router")
-    assert heavy(modules, ("ray",)) != []
