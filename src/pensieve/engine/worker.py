@@ -12,6 +12,7 @@ stack. This module is therefore light to import: the engine is imported inside t
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import logging
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pensieve.worker")
 
+_EXIT_GRACE_S = 10.0  # for a worker left running at exit to save what it holds
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerStart:
@@ -87,7 +90,22 @@ def spawn_worker(name: str = "pensieve-worker") -> WorkerProcess:
     proc = ctx.Process(target=run_worker, args=(child,), name=name, daemon=True)
     proc.start()
     child.close()
+    atexit.register(_end_at_exit, proc, parent)
     return WorkerProcess(proc, parent, time.perf_counter())
+
+
+def _end_at_exit(proc: multiprocessing.process.BaseProcess, conn: Connection) -> None:
+    """A worker still running when this process exits without having stopped it (a start-up
+    refusal, an error): close its pipe, so it saves what it holds and ends. The worker ignores
+    SIGTERM, which is all multiprocessing's own exit handler (run after this one) would send
+    before waiting for it."""
+    if not proc.is_alive():
+        return
+    conn.close()
+    proc.join(_EXIT_GRACE_S)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(1.0)
 
 
 def run_worker(conn: Connection) -> None:
