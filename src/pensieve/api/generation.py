@@ -458,9 +458,15 @@ class Generation:
 
     async def events(self) -> AsyncIterator[Event]:
         try:
-            async for k, out in self._outputs():
-                for event in self._observe(k, out):
-                    yield event
+            # The outputs left are SeqOutputs: `_submit_all` took each stream's RequestAccepted.
+            if len(self._streams) == 1:  # nearly every request: no merging layer per token
+                async for out in self._streams[0].outputs:
+                    for event in self._observe(0, out):  # type: ignore[arg-type]
+                        yield event
+            else:
+                async for k, out in _merged(self._streams):
+                    for event in self._observe(k, out):
+                        yield event
         finally:
             await self.aclose()
 
@@ -539,15 +545,6 @@ class Generation:
 
     def _finish_timing(self) -> None:
         self.timings.finished_ns = time.perf_counter_ns()
-
-    async def _outputs(self) -> AsyncIterator[tuple[int, SeqOutput]]:
-        """Engine outputs as they come, with the index of the stream they came from."""
-        if len(self._streams) == 1:
-            async for out in self._streams[0].outputs:
-                yield 0, out  # type: ignore[misc]
-            return
-        async for item in _merged(self._streams):
-            yield item
 
 
 def _finish(out: SeqOutput) -> Finish:

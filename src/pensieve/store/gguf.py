@@ -27,6 +27,7 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_TENSOR_NAME = 63  # GGML_MAX_NAME - 1
 MAX_KEY_LENGTH = 65535
 MAX_ELEMENTS = 1 << 62
+_U64 = struct.Struct("<Q")
 SMALL_ARRAY = 64  # longer arrays are summarised (type and length), not kept
 
 # GGUF value types: (name, struct format) for fixed-size scalars.
@@ -296,11 +297,26 @@ class _Parser:
             if count > (self.size - self.pos) // 8:
                 raise self.fail(f"array {name!r} claims {count} strings, more than the "
                                 f"{self.size - self.pos} bytes left in the file could hold")
-            items = [self.raw_string(f"string #{j} of {name!r}") for j in range(count)]
-            if count > SMALL_ARRAY:
+            if count > SMALL_ARRAY:  # a vocabulary: tens of thousands, skipped in one loop
+                self.skip_strings(count, name)
                 return ArraySummary("string", count)
+            items = [self.raw_string(f"string #{j} of {name!r}") for j in range(count)]
             return [item.decode("utf-8", errors="replace") for item in items]
         raise self.fail(f"array {name!r} has unsupported element type {elem_type}")
+
+    def skip_strings(self, count: int, name: str) -> None:
+        """Step over `count` strings with the checks of `raw_string`, without reading them."""
+        buf, pos, size, length_at = self.buf, self.pos, self.size, _U64.unpack_from
+        for j in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of string #{j} of {name!r}")
+            (length,) = length_at(buf, pos)
+            if length > size - pos - 8:
+                self.pos = pos + 8
+                self.need(length, f"string #{j} of {name!r}")
+            pos += 8 + length
+        self.pos = pos
 
     def alignment(self, metadata: dict[str, object]) -> int:
         value = metadata.get("general.alignment", DEFAULT_ALIGNMENT)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring  # the string encoder of json.dumps(ensure_ascii=False)
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -101,8 +102,19 @@ class _Chunks:
     def choice(self, choice: dict[str, Any]) -> bytes:
         return self._prefix + dumps(choice).encode() + b"]}\n\n"
 
+    def text(self, index: int, text: str, around: tuple[bytes, bytes]) -> bytes:
+        """The chunk of nearly every token, a plain text delta: the same bytes as `choice`
+        renders, without the generic encoder. `around`: the JSON before and after the text."""
+        return b"".join((self._prefix, b'{"index":', str(index).encode(), around[0],
+                         encode_basestring(text).encode(), around[1]))
+
     def usage(self, usage: Usage) -> bytes:
         return self._prefix + b"]," + f"\"usage\":{dumps(_usage(usage))}}}\n\n".encode()
+
+
+# What surrounds the text of a plain text chunk (`_Chunks.text`), chat's and completions'.
+_CHAT_TEXT = (b',"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n')
+_COMPLETION_TEXT = (b',"text":', b',"logprobs":null,"finish_reason":null}]}\n\n')
 
 
 async def _sse_stream(gen: Generation, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -155,7 +167,9 @@ async def _chat_chunks(gen: Generation, include_usage: bool) -> AsyncIterator[by
         yield chunks.choice(_delta(i, {"role": "assistant", "content": ""}))
     async for event in gen.events():
         if isinstance(event, TextDelta):
-            if event.text or event.logprobs:
+            if event.text and not event.logprobs:
+                yield chunks.text(event.index, event.text, _CHAT_TEXT)
+            elif event.text or event.logprobs:
                 lp = _chat_logprobs(event.logprobs) if event.logprobs else None
                 content = {"content": event.text} if event.text else {}
                 yield chunks.choice(_delta(event.index, content, lp))
@@ -230,7 +244,9 @@ async def _completion_chunks(gen: Generation, echoes: list[str],
         elif isinstance(event, Finished):
             reason = FINISH_REASONS[event.reason]
         text, pending[i] = pending[i] + text, ""
-        if text or lp or reason:
+        if text and lp is None and reason is None:
+            yield chunks.text(i, text, _COMPLETION_TEXT)
+        elif text or lp or reason:
             yield chunks.choice({"index": i, "text": text, "logprobs": lp,
                                  "finish_reason": reason})
     if include_usage:
