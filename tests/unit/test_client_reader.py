@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import pickle
 import select
 import threading
 
 import pytest
 
-from pensieve.engine.client import _Inbox, _Reader
+from pensieve.engine.client import _Inbox, _Reader, _write_frame
 from pensieve.engine.types import SeqOutput, StepOutput
 
 
@@ -82,3 +84,28 @@ async def _inbox_in_order() -> None:
     assert not later.done()
     inbox.put_nowait("c")
     assert await later == "c"
+
+
+def test_a_large_request_goes_out_whole_while_the_loop_watches_the_socket() -> None:
+    """uvloop makes a socket it watches non-blocking, and the API's sender thread writes to that
+    same socket: a request larger than the socket's buffer (a long prompt, a big grammar) must
+    wait for room, not fail halfway and leave the worker holding half a message."""
+    import uvloop
+
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    sent = [{"grammar": "x" * 3_000_000}, "after"]
+    got: list[object] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), lambda: None)
+        assert not os.get_blocking(ours.fileno())  # what made Connection.send fail
+        worker = threading.Thread(target=lambda: got.extend(theirs.recv() for _ in sent))
+        worker.start()
+        for msg in sent:
+            await asyncio.to_thread(_write_frame, ours.fileno(), pickle.dumps(msg))
+        await asyncio.to_thread(worker.join, 30)
+        loop.remove_reader(ours.fileno())
+
+    uvloop.run(main())
+    assert got == sent

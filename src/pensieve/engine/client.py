@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import select
 import struct
 import threading
 import time
@@ -200,10 +201,11 @@ class EngineClient:
 
     # --- threads -----------------------------------------------------------------------------
     def _send_loop(self, conn: Connection, outbox: queue.SimpleQueue[object], gen: int) -> None:
+        fd = conn.fileno()
         while gen == self._generation:
             msg = outbox.get()
             try:
-                conn.send(msg)
+                _write_frame(fd, pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
             except (OSError, ValueError):
                 return
             if isinstance(msg, Shutdown):
@@ -412,7 +414,10 @@ class _Reader:
         self._buf = bytearray()
 
     def read(self) -> list[object]:
-        data: bytes | bytearray = os.read(self.fd, self.CHUNK)  # the loop saw it readable
+        try:
+            data: bytes | bytearray = os.read(self.fd, self.CHUNK)  # the loop saw it readable
+        except BlockingIOError:  # woken for nothing: the loop keeps the socket non-blocking
+            return []
         if not data:
             raise EOFError
         if self._buf:
@@ -439,6 +444,25 @@ class _Reader:
         elif start or data is not self._buf:  # keep the part of a message not yet here
             self._buf = bytearray(memoryview(data)[start:])
         return messages
+
+
+def _write_frame(fd: int, payload: bytes) -> None:
+    """Send one message in multiprocessing's framing (the worker reads it with
+    `Connection.recv`). The event loop watches the same socket for reading and keeps it
+    non-blocking (libuv does), so a full socket is waited out here instead of failing the way
+    `Connection.send` would, halfway through a message."""
+    size = len(payload)
+    head = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+    view = memoryview(head + payload)
+    room: select.poll | None = None
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            if room is None:
+                room = select.poll()
+                room.register(fd, select.POLLOUT)
+            room.poll()
 
 
 class _Deadline:
