@@ -6,11 +6,17 @@ itself gives that workload. Read it against `serving.py`'s Pensieve column to se
 path costs, and against the ceiling column to see what the scheduler costs.
 
     .venv/bin/python bench/engine_only.py --concurrency 1,8,16
+
+`--retained N` first runs N unrelated conversations of `--retained-tokens` tokens each (one
+answer token), as a server that has been in use holds their KV for follow-up turns; then the
+workload. `--memory` gives the engine its RAM tier (in a temporary directory), as `pensieve
+serve` has by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,10 +71,33 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--seed", type=int, default=42, help="as serving.py's --seed")
+    parser.add_argument("--memory", action="store_true", help="with the RAM tier (no disk)")
+    parser.add_argument("--retained", type=int, default=0, help="conversations held first")
+    parser.add_argument("--retained-tokens", type=int, default=1000)
     args = parser.parse_args()
     init_backend()
-    settings = Settings(threads=args.threads)  # the server's defaults, memory tiers aside
-    engine = Engine(settings.engine_config(str(args.model)))
+    with tempfile.TemporaryDirectory(prefix="pensieve-engine-only-") as data_dir:
+        # the server's defaults; memory tiers only with --memory (a digest names their entries)
+        settings = Settings(threads=args.threads, data_dir=data_dir, memory_disk_mb=0)
+        digest = "0" * 64 if args.memory else None
+        engine = Engine(settings.engine_config(str(args.model), model_digest=digest))
+        return measure(engine, args)
+
+
+def hold_conversations(engine: Engine, count: int, num_tokens: int) -> None:
+    """Run `count` unrelated prompts of `num_tokens` tokens to their one-token answers."""
+    params = SamplingParams(max_tokens=1)
+    for i in range(count):
+        tokens = [100 + (i * 7919 + j * 31) % 30000 for j in range(num_tokens)]
+        engine.add_request(EngineRequest(f"held-{i}", params, prompt_tokens=tokens))
+        while engine.scheduler.has_work():
+            engine.step()
+    while engine.has_work():  # the idle steps that save to the memory tiers
+        engine.step()
+
+
+def measure(engine: Engine, args: argparse.Namespace) -> int:
+    hold_conversations(engine, args.retained, args.retained_tokens)
     info = engine.info()
     template = ChatTemplate.for_model(info.chat_template, info.bos_token, info.eos_token)
     sampling = SamplingConfig()
@@ -81,7 +110,9 @@ def main() -> int:
             [f"c={c}", str(tokens), f"{seconds:.2f}", str(steps), f"{tokens / seconds:.1f}"]
         )
     engine.close()
-    title = f"Pensieve engine alone: {args.model.name}, {args.threads} threads"
+    title = (f"Pensieve engine alone: {args.model.name}, {args.threads} threads, memory tiers "
+             f"{'on' if args.memory else 'off'}, {args.retained} x {args.retained_tokens} "
+             "tokens held first")
     print_table(
         Table(title, ["workload", "output tokens", "seconds", "steps", "out tok/s"], rows, [])
     )

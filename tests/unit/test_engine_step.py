@@ -40,6 +40,7 @@ from pensieve.engine.types import (
     TokenLogprob,
 )
 from pensieve.engine.worker import _serve
+from pensieve.memory.config import MemoryConfig
 
 EOS, BOS = 0, 1
 FILLER = ord(".")  # sampled once a sequence's script runs out
@@ -169,13 +170,14 @@ class FakeRunner:
 
 
 def make_engine(*, flash_attn: str = "off", prefix_cache: bool = True,
-                prefill_chunk_while_decoding: int | None = None,
+                prefill_chunk_while_decoding: int | None = None, kv_unified: bool = True,
+                memory: MemoryConfig | None = None,
                 **runner_kw: int) -> tuple[Engine, FakeRunner]:
     runner = FakeRunner(**runner_kw)
     ctx = ContextConfig(n_ctx=runner.n_ctx, n_batch=runner.n_batch, n_ubatch=runner.n_batch,
                         n_seq_max=runner.n_seq_max, n_threads=1, n_threads_batch=1,
-                        flash_attn=flash_attn, kv_unified=True)
-    config = EngineConfig("fake.gguf", ctx, prefix_cache=prefix_cache,
+                        flash_attn=flash_attn, kv_unified=kv_unified)
+    config = EngineConfig("fake.gguf", ctx, prefix_cache=prefix_cache, memory=memory,
                           prefill_chunk_while_decoding=prefill_chunk_while_decoding)
     return Engine(config, runner), runner
 
@@ -325,6 +327,71 @@ def test_a_failed_decode_fails_every_scheduled_sequence() -> None:
     assert engine.scheduler.num_running == 1
     engine.abort("b")
     assert not engine.has_work() and all(s.closed for s in runner.samplers)
+
+
+# --- retained KV in a unified cache ---------------------------------------------------------
+# Every token a step computes attends over all the cache's used cells: KV kept for later turns
+# is moved out to RAM once a step computes, and comes back from there.
+RAM_ONLY = MemoryConfig(ram_bytes=1 << 20, disk_bytes=0, disk_dir=None, namespace="ns",
+                        block_tokens=0)
+
+
+def finish_turn(engine: Engine, runner: FakeRunner, rid: str, prompt: str) -> list[int]:
+    """Run one request to its end on an idle engine; the tokens its KV holds after."""
+    runner.script(rid, "ok")
+    submit(engine, rid, prompt)
+    run(engine)
+    return [BOS, *prompt.encode(), *b"ok"]
+
+
+def hits(engine: Engine) -> dict[str, int]:
+    assert engine.tiers is not None
+    return engine.tiers.stats.hits
+
+
+def test_retained_kv_leaves_the_context_for_ram_when_others_compute_and_comes_back() -> None:
+    engine, runner = make_engine(memory=RAM_ONLY)
+    held = finish_turn(engine, runner, "a", "first chat")
+    assert held in runner.kv.cells.values()  # live while idle (and saved to RAM)
+    runner.script("b", "bb")
+    submit(engine, "b", "zzz", add_special=False)
+    engine.step()
+    assert engine.cache.num_retained == 0 and held not in runner.kv.cells.values()
+    run(engine)
+    runner.script("a2", "!")
+    submit(engine, "a2", "first chatok more")
+    before = len(runner.decoded)
+    steps = run(engine)  # the follow-up finds its turn in RAM, computes only what is new
+    assert hits(engine)["ram"] == 1 and hits(engine)["live"] == 0
+    assert runner.decoded[before] == [("a2", 0, len(held), len(b" more"))]
+    assert texts(steps) == {("a2", 0): "!"}
+
+
+def test_a_follow_up_to_an_idle_engine_takes_its_kv_live() -> None:
+    engine, runner = make_engine(memory=RAM_ONLY)
+    held = finish_turn(engine, runner, "a", "first chat")
+    runner.script("a2", "!")
+    submit(engine, "a2", "first chatok more")
+    engine.step()
+    assert hits(engine)["live"] == 1
+    assert runner.decoded[-1] == [("a2", 0, len(held), len(b" more"))]
+
+
+@pytest.mark.parametrize("how", ["no slower tier", "split KV cache", "over the RAM budget"])
+def test_retained_kv_stays_live_where_shedding_it_would_lose_it_or_gain_nothing(how: str) -> None:
+    memory = {"no slower tier": None, "split KV cache": RAM_ONLY,
+              "over the RAM budget": MemoryConfig(ram_bytes=16, disk_bytes=0, disk_dir=None,
+                                                  namespace="ns", block_tokens=0)}[how]
+    engine, runner = make_engine(memory=memory, kv_unified=how != "split KV cache")
+    held = finish_turn(engine, runner, "a", "first chat")
+    runner.script("b", "bb")
+    submit(engine, "b", "zzz", add_special=False)
+    run(engine)
+    assert held in runner.kv.cells.values()
+    runner.script("a2", "!")
+    submit(engine, "a2", "first chatok more")
+    engine.step()
+    assert runner.decoded[-1] == [("a2", 0, len(held), len(b" more"))]
 
 
 # --- several sequences -----------------------------------------------------------------------

@@ -60,6 +60,9 @@ class Engine:
         )
         self._requests: dict[str, list[Sequence]] = {}
         self.num_batch_tokens = 0
+        # Retained KV in a unified cache slows every computed token (memory/live.py, shed);
+        # in a split one each sequence attends over its own stream only.
+        self._shed_retained = self.tiers is not None and config.context.kv_unified
 
     def close(self) -> None:
         for group in self._requests.values():
@@ -254,6 +257,8 @@ class Engine:
             if self.scheduler.waiting:  # only reads ahead hold them back: do not spin
                 time.sleep(_READ_POLL_S)
             return []
+        if self._shed_retained and self.cache.num_retained:
+            self.cache.shed()
         rc = self.runner.decode(plan)
         if rc == DECODE_NO_KV_SLOT:
             return self._on_no_kv_room()
