@@ -12,10 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.server import free_port
+from tests.support.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT_STORE_BYTES = 256 << 20  # per node; step messages are small
@@ -54,16 +55,18 @@ def start_ray_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> RayCluster:
     # Ray's socket paths live under the temp dir and must stay short (AF_UNIX: 107 bytes).
     temp_dir = Path(tempfile.mkdtemp(prefix="pray-", dir="/tmp"))
     env = cluster_env()
-    port = free_port()
+    # every port of every node chosen at once, so no two components are given the same one
+    ports = iter(free_ports(2 + _NODE_PORTS * num_nodes))
+    port = next(ports)
     cluster = RayCluster(f"{NODE_IP}:{port}", temp_dir, env)
     try:
         _ray_start(env, "--head", "--port", str(port), "--node-ip-address", NODE_IP,
                    "--num-cpus", str(cpus_per_node), "--temp-dir", str(temp_dir),
                    "--include-dashboard=false", "--disable-usage-stats",
-                   "--ray-client-server-port", str(free_port()), *_node_ports())
+                   "--ray-client-server-port", str(next(ports)), *_node_ports(ports))
         for _ in range(num_nodes - 1):
             _ray_start(env, "--address", cluster.address, "--node-ip-address", NODE_IP,
-                       "--num-cpus", str(cpus_per_node), *_node_ports())
+                       "--num-cpus", str(cpus_per_node), *_node_ports(ports))
     except BaseException:
         cluster.processes()
         stop_ray_cluster(cluster)
@@ -104,14 +107,16 @@ def _ray_start(env: dict[str, str], *args: str) -> None:
         raise RuntimeError(f"ray start {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
 
 
-def _node_ports() -> list[str]:
+_NODE_PORTS = 6
+
+
+def _node_ports(ports: Iterator[int]) -> list[str]:
     """Each node's own agent and manager ports: two raylets on one machine cannot share."""
+    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+    assert len(names) == _NODE_PORTS
     return ["--object-store-memory", str(OBJECT_STORE_BYTES),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port())]
+            *(arg for name in names for arg in (name, str(next(ports))))]
 
 
 def _cmdlines() -> dict[int, str]:
