@@ -22,8 +22,8 @@ STYLES = [*NATIVE, "generic"]
 
 
 @pytest.fixture(scope="module")
-def srv(agent_server: Server) -> Server:
-    return agent_server
+def srv(exact_server: Server) -> Server:
+    return exact_server
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,20 @@ EVENT_ORDER = ["message_start", "content_block_start", "ping", "content_block_de
 SDK_EVENT_ORDER = [e for e in EVENT_ORDER if e != "ping"]  # the SDK drops pings
 
 
-@pytest.fixture(scope="module")
-def ac(server: Server) -> anthropic.Anthropic:
+def _client(server: Server) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0,
                                timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ac(server: Server) -> anthropic.Anthropic:
+    return _client(server)
+
+
+@pytest.fixture(scope="module")
+def exact_ac(exact_server: Server) -> anthropic.Anthropic:
+    """For tests that compare two greedy runs exactly: a server without memory."""
+    return _client(exact_server)
 
 
 def create(ac: anthropic.Anthropic, *, sampling: dict | None = None, **kwargs):
@@ -51,7 +61,8 @@ def test_max_tokens_reports_max_tokens(ac: anthropic.Anthropic) -> None:
     assert m.usage.output_tokens == 3 and m.stop_reason == "max_tokens"
 
 
-def test_stop_sequence_is_reported(ac: anthropic.Anthropic) -> None:
+def test_stop_sequence_is_reported(exact_ac: anthropic.Anthropic) -> None:
+    ac = exact_ac
     base = create(ac, max_tokens=40).content[0].text
     words = base.split()
     assert len(words) > 4, base
@@ -61,7 +72,8 @@ def test_stop_sequence_is_reported(ac: anthropic.Anthropic) -> None:
     assert m.content[0].text == base[: base.index(stop)]
 
 
-def test_system_as_string_and_as_blocks_is_the_same_prompt(ac: anthropic.Anthropic) -> None:
+def test_system_as_string_and_as_blocks_is_the_same_prompt(exact_ac: anthropic.Anthropic) -> None:
+    ac = exact_ac
     text = "You are a pirate."
     a = create(ac, system=text)
     b = create(ac, system=[{"type": "text", "text": "You are "},
@@ -74,7 +86,8 @@ def test_system_as_string_and_as_blocks_is_the_same_prompt(ac: anthropic.Anthrop
 
 
 def test_stream_has_the_sdk_event_sequence_and_equals_non_streamed(
-        ac: anthropic.Anthropic) -> None:
+        exact_ac: anthropic.Anthropic) -> None:
+    ac = exact_ac
     full = create(ac)
     events = list(create(ac, stream=True))
     kinds = [e.type for e in events]
@@ -97,7 +110,8 @@ def test_raw_stream_is_server_sent_events_with_a_ping(server: Server) -> None:
     assert collapsed == EVENT_ORDER
 
 
-def test_stream_helper_gives_the_final_message(ac: anthropic.Anthropic) -> None:
+def test_stream_helper_gives_the_final_message(exact_ac: anthropic.Anthropic) -> None:
+    ac = exact_ac
     full = create(ac)
     args = {"model": MODEL, "messages": HELLO, "max_tokens": 24,
             "extra_body": {"temperature": 0}}
@@ -157,8 +171,9 @@ def test_a_continued_conversation_reads_from_memory(ac: anthropic.Anthropic) -> 
 
 
 def test_same_greedy_text_through_openai_ollama_and_anthropic(
-        server: Server, client: OpenAI, ac: anthropic.Anthropic) -> None:
-    oc = ollama.Client(host=server.base_url, timeout=120)
+        exact_server: Server, exact_client: OpenAI, exact_ac: anthropic.Anthropic) -> None:
+    client, ac = exact_client, exact_ac  # three runs compared exactly: a server without memory
+    oc = ollama.Client(host=exact_server.base_url, timeout=120)
     via_openai = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=24,
                                                 temperature=0).choices[0].message.content
     via_ollama = oc.chat(model=MODEL, messages=HELLO,

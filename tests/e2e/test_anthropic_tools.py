@@ -6,12 +6,13 @@ template (Pensieve's generic convention)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anthropic
 import pytest
 
-from tests.support.server import MODEL, Server
-from tests.support.templates import WEATHER
+from tests.support.server import MODEL, Server, start_server, stop_server
+from tests.support.templates import HERMES, WEATHER, create_model
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +25,18 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def srv(agent_server: Server) -> Server:
-    return agent_server
+def srv(exact_server: Server) -> Server:
+    return exact_server
+
+
+def _client(srv: Server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=srv.base_url, api_key="unused", max_retries=0,
+                               timeout=120)
 
 
 @pytest.fixture(scope="module")
 def ac(srv: Server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=srv.base_url, api_key="unused", max_retries=0,
-                               timeout=120)
+    return _client(srv)
 
 
 def _stream(ac: anthropic.Anthropic, **kwargs: object) -> tuple[list, anthropic.types.Message]:
@@ -61,9 +66,10 @@ def _blocks(message: anthropic.types.Message, kind: str) -> list:
     return [b for b in message.content if b.type == kind]
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "generic"])
-def test_claude_code_style_tool_loop_streamed(ac: anthropic.Anthropic, fmt: str) -> None:
-    model = MODELS[fmt]
+def _tool_loop(ac: anthropic.Anthropic, model: str) -> tuple[anthropic.types.Message,
+                                                             anthropic.types.Message]:
+    """A forced call streamed, its result sent back the way Claude Code does, and the reply
+    streamed: both messages, checked."""
     events, first = _stream(ac, model=model, messages=ASK, tools=[TOOL],
                             tool_choice={"type": "any", "disable_parallel_tool_use": True})
     _assert_blocks_do_not_overlap(events)
@@ -90,9 +96,27 @@ def test_claude_code_style_tool_loop_streamed(ac: anthropic.Anthropic, fmt: str)
     assert (second.stop_reason == "tool_use") == bool(calls)
     assert calls or "".join(t.text for t in texts).strip()
     assert not any("<tool_call>" in t.text for t in texts)
-    if fmt == "hermes":  # the template renders every tool_choice alike: the first prompt is kept
-        prompt1 = first.usage.input_tokens + first.usage.cache_read_input_tokens
-        assert second.usage.cache_read_input_tokens >= prompt1 - 1
+    return first, second
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "generic"])
+def test_claude_code_style_tool_loop_streamed(ac: anthropic.Anthropic, fmt: str) -> None:
+    _tool_loop(ac, MODELS[fmt])
+
+
+def test_a_tool_loop_reads_its_first_turn_from_memory(
+        default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With memory (the default; `srv` has none), the reply's prompt begins with the first
+    one: the Hermes template renders every tool_choice alike, so the first prompt's KV is
+    reused."""
+    server = start_server(tmp_path_factory.mktemp("anthropic-memory"), "--ctx-size", "8192")
+    try:
+        create_model(server.base_url, HERMES_MODEL, MODEL, HERMES)
+        first, second = _tool_loop(_client(server), HERMES_MODEL)
+    finally:
+        stop_server(server)
+    prompt1 = first.usage.input_tokens + first.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens >= prompt1 - 1
 
 
 def test_named_tool_choice_answers_with_a_tool_use_block(ac: anthropic.Anthropic) -> None:

@@ -12,6 +12,7 @@ from pensieve.engine.config import ContextConfig, EngineConfig
 from pensieve.engine.engine import Engine
 from pensieve.engine.llama import init_backend
 from pensieve.engine.types import EngineRequest, RequestAccepted, SamplingParams
+from tests.support.server import assert_same_greedy_run
 
 pytestmark = pytest.mark.e2e
 
@@ -26,26 +27,33 @@ def engine(default_model: Path) -> Iterator[Engine]:
     eng.close()
 
 
-def _run(engine: Engine, req: EngineRequest) -> tuple[int, dict[int, list[int]]]:
-    """Tokens put through llama_decode, and each choice's output tokens."""
+def _run(engine: Engine, req: EngineRequest) -> tuple[int, dict[int, list[int]], dict[int, list]]:
+    """Tokens put through llama_decode, and each choice's output tokens and logprobs (as the
+    entries of `assert_same_greedy_run`, when asked for)."""
     assert isinstance(engine.add_request(req), RequestAccepted)
-    num_decoded, outputs = 0, {}
+    num_decoded, outputs, logprobs = 0, {}, {}
     while engine.has_work():
         for out in engine.step():
             outputs.setdefault(out.index, []).extend(out.token_ids)
+            logprobs.setdefault(out.index, []).extend(
+                {"token": lp.token_id, "logprob": lp.logprob,
+                 "top_logprobs": [{"token": t, "logprob": v} for t, _, v in lp.top]}
+                for lp in out.logprobs or ())
         num_decoded += engine.num_batch_tokens  # the batch itself now lives in the runner
-    return num_decoded, outputs
+    return num_decoded, outputs, logprobs
 
 
 def test_n_choices_compute_the_prompt_once(engine: Engine) -> None:
     prompt = "The history of the lighthouse, told in many words: " * 8
     num_prompt = len(engine.tokenize(prompt, True))
-    params = SamplingParams(max_tokens=4, temperature=0.0, n=3, ignore_eos=True)
-    decoded, outputs = _run(engine, EngineRequest("n3", params, prompt=prompt))
+    params = SamplingParams(max_tokens=4, temperature=0.0, n=3, ignore_eos=True, logprobs=True,
+                            top_logprobs=5)
+    decoded, outputs, logprobs = _run(engine, EngineRequest("n3", params, prompt=prompt))
     assert sorted(outputs) == [0, 1, 2] and all(len(o) == 4 for o in outputs.values())
     # the prompt once, then each choice's generated tokens but its last (never fed back)
     assert decoded == num_prompt + 3 * 3
-    assert outputs[0] == outputs[1] == outputs[2]  # greedy: the copied KV gives the same text
+    for i in (1, 2):  # greedy from the copied KV, side by side: equal up to a near-tie
+        assert_same_greedy_run(logprobs[0], logprobs[i])
 
 
 def test_each_sequence_follows_its_own_grammar(engine: Engine) -> None:

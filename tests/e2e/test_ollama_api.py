@@ -32,6 +32,12 @@ def oc(server: Server, cached_headers: list[str]) -> ollama.Client:
                          event_hooks={"response": [remember]})
 
 
+@pytest.fixture(scope="module")
+def exact_oc(exact_server: Server) -> ollama.Client:
+    """For tests that compare two runs exactly: a server without memory."""
+    return ollama.Client(host=exact_server.base_url, timeout=120)
+
+
 def test_version_answers_like_ollama(server: Server) -> None:
     r = httpx.get(f"{server.base_url}/api/version", timeout=10)
     assert r.status_code == 200
@@ -51,7 +57,8 @@ def test_chat_answers_with_text_and_real_timings(oc: ollama.Client) -> None:
     assert r.load_duration >= 0
 
 
-def test_chat_stream_equals_non_streamed_answer(oc: ollama.Client) -> None:
+def test_chat_stream_equals_non_streamed_answer(exact_oc: ollama.Client) -> None:
+    oc = exact_oc
     full = oc.chat(model=MODEL, messages=HELLO, options=GREEDY)
     parts = list(oc.chat(model=MODEL, messages=HELLO, options=GREEDY, stream=True))
     assert "".join(p.message.content for p in parts) == full.message.content
@@ -68,7 +75,8 @@ def test_num_predict_limits_the_answer_and_reports_length(oc: ollama.Client) -> 
     assert r.eval_count == 3 and r.done_reason == "length"
 
 
-def test_stop_option_cuts_the_answer(oc: ollama.Client) -> None:
+def test_stop_option_cuts_the_answer(exact_oc: ollama.Client) -> None:
+    oc = exact_oc
     base = oc.chat(model=MODEL, messages=HELLO, options=GREEDY).message.content
     words = base.split()
     assert len(words) > 4, base
@@ -78,7 +86,8 @@ def test_stop_option_cuts_the_answer(oc: ollama.Client) -> None:
     assert r.done_reason == "stop"
 
 
-def test_seeded_sampling_repeats_and_options_change_the_answer(oc: ollama.Client) -> None:
+def test_seeded_sampling_repeats_and_options_change_the_answer(exact_oc: ollama.Client) -> None:
+    oc = exact_oc
     opts = {"temperature": 1.0, "top_k": 50, "top_p": 0.95, "min_p": 0.02, "seed": 7,
             "num_predict": 16, "repeat_penalty": 1.2, "repeat_last_n": 32,
             "presence_penalty": 0.5, "frequency_penalty": 0.5, "num_ctx": 2048}
@@ -90,7 +99,8 @@ def test_seeded_sampling_repeats_and_options_change_the_answer(oc: ollama.Client
     assert len(others | {a}) > 1
 
 
-def test_generate_uses_the_chat_template_and_returns_context(oc: ollama.Client) -> None:
+def test_generate_uses_the_chat_template_and_returns_context(exact_oc: ollama.Client) -> None:
+    oc = exact_oc
     prompt = "Write one sentence about the sea."
     r = oc.generate(model=MODEL, prompt=prompt, options=GREEDY)
     chat = oc.chat(model=MODEL, messages=HELLO, options=GREEDY)
@@ -99,7 +109,8 @@ def test_generate_uses_the_chat_template_and_returns_context(oc: ollama.Client) 
     assert len(r.context) == r.prompt_eval_count + r.eval_count
 
 
-def test_generate_stream_equals_non_streamed(oc: ollama.Client) -> None:
+def test_generate_stream_equals_non_streamed(exact_oc: ollama.Client) -> None:
+    oc = exact_oc
     full = oc.generate(model=MODEL, prompt="Name three colors.", options=GREEDY)
     parts = list(oc.generate(model=MODEL, prompt="Name three colors.", options=GREEDY,
                              stream=True))
@@ -124,7 +135,8 @@ def test_generate_raw_skips_the_template(oc: ollama.Client) -> None:
     assert r.response.strip()
 
 
-def test_generate_system_and_template(oc: ollama.Client) -> None:
+def test_generate_system_and_template(exact_oc: ollama.Client) -> None:
+    oc = exact_oc
     template = ("<|im_start|>system\n{{ .System }}<|im_end|>\n<|im_start|>user\n"
                 "{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}<|im_end|>\n")
     system = "You answer in French."

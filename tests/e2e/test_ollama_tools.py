@@ -10,14 +10,11 @@ leads it to copy the `<tool_response>` instead)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import ollama
 import pytest
 
-from tests.support.server import MODEL, Server, start_server, stop_server
-from tests.support.templates import HERMES, WEATHER, create_model
+from tests.support.server import MODEL, Server
+from tests.support.templates import WEATHER
 
 pytestmark = pytest.mark.e2e
 
@@ -38,11 +35,8 @@ HISTORIES = {
 
 
 @pytest.fixture(scope="module")
-def srv(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("ollama-tools"), "--ctx-size", "8192")
-    create_model(server.base_url, HERMES_MODEL, MODEL, HERMES)
-    yield server
-    stop_server(server)
+def srv(exact_server: Server) -> Server:
+    return exact_server  # serves HERMES_MODEL too
 
 
 @pytest.fixture(scope="module")

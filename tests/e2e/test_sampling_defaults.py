@@ -25,9 +25,10 @@ DRY = {"dry_multiplier": 2.0, "dry_base": 1.75, "dry_allowed_length": 2,
 
 @pytest.fixture(scope="module")
 def embedded(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`pensieve serve` with no model: the embedded one, with its store entry."""
+    """`pensieve serve` with no model: the embedded one, with its store entry. Without memory,
+    so that two runs of one prompt compute the same logits (conftest.py, `exact_server`)."""
     srv = start_server(tmp_path_factory.mktemp("embedded"), "--parallel", "2",
-                       "--ctx-size", "4096", embedded=True)
+                       "--ctx-size", "4096", "--no-prefix-cache", embedded=True)
     yield srv
     stop_server(srv)
 

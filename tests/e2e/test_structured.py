@@ -42,7 +42,8 @@ def test_fifty_schemas_give_output_that_validates(client: OpenAI) -> None:
     assert not failures, failures
 
 
-def test_schema_output_streams_the_same_text(client: OpenAI) -> None:
+def test_schema_output_streams_the_same_text(exact_client: OpenAI) -> None:
+    client = exact_client  # two runs compared exactly: a server without memory
     prompt, schema = SCHEMAS[11]
     whole = _schema_chat(client, prompt, schema).choices[0].message.content
     chunks = _schema_chat(client, prompt, schema, stream=True)
@@ -169,7 +170,8 @@ def test_parallel_tool_calls_false_gives_one_call(client: OpenAI) -> None:
     assert len(r.choices[0].message.tool_calls) == 1
 
 
-def test_streamed_tool_call_deltas_match_the_whole_reply(client: OpenAI) -> None:
+def test_streamed_tool_call_deltas_match_the_whole_reply(exact_client: OpenAI) -> None:
+    client = exact_client  # two runs compared exactly: a server without memory
     whole = _tool_chat(client, ASK, tool_choice="required").choices[0].message.tool_calls
     chunks = list(_tool_chat(client, ASK, tool_choice="required", stream=True))
     calls: dict[int, dict[str, str]] = {}
