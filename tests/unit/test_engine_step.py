@@ -314,19 +314,22 @@ def test_no_kv_slot_preempts_the_newest_which_recomputes_its_tokens() -> None:
     assert finishes(steps) == {("a", 0): FinishReason.LENGTH, ("b", 0): FinishReason.LENGTH}
 
 
-def test_a_failed_decode_fails_every_scheduled_sequence() -> None:
+def test_a_failed_decode_fails_every_choice_of_every_scheduled_request() -> None:
     engine, runner = make_engine()
     submit(engine, "a", "one")
     submit(engine, "b", "two", n=2)
     runner.codes.append(-3)
     outputs = engine.step()
-    assert [(o.request_id, o.finish_reason) for o in outputs] == [
-        ("a", FinishReason.ERROR), ("b", FinishReason.ERROR)]
+    assert runner.decoded == []
+    # b's follower was not in the plan (it waits for the prompt's KV): it fails with its request
+    assert [(o.request_id, o.index, o.finish_reason) for o in outputs] == [
+        ("a", 0, FinishReason.ERROR), ("b", 0, FinishReason.ERROR), ("b", 1, FinishReason.ERROR)]
     assert all(o.error == "llama_decode failed with code -3" for o in outputs)
-    # b's follower never ran; its request stays until it is aborted, as the client will
-    assert engine.scheduler.num_running == 1
-    engine.abort("b")
     assert not engine.has_work() and all(s.closed for s in runner.samplers)
+    assert engine.cache.num_free == runner.n_seq_max  # every seq_id back, none held by b
+    runner.script("c", "ok")
+    submit(engine, "c", "three")
+    assert texts(run(engine)) == {("c", 0): "ok"}  # and the engine serves on
 
 
 # --- retained KV in a unified cache ---------------------------------------------------------

@@ -352,11 +352,16 @@ class Engine:
         return []
 
     def _fail_plan(self, plan: list[ScheduledChunk], message: str) -> list[SeqOutput]:
-        log.error("%s; failing %d sequences", message, len(plan))
+        """Fail every request with a chunk in the plan: each of its choices, those not in the
+        plan too (n > 1 followers waiting for the leader's prompt), so it ends here."""
+        request_ids = list(dict.fromkeys(chunk.seq.request_id for chunk in plan))
+        log.error("%s; failing %d requests", message, len(request_ids))
         outputs = []
-        for chunk in plan:
-            seq = chunk.seq
-            out = SeqOutput(seq.request_id, seq.index, error=message,
-                            num_prompt_tokens=seq.num_prompt)
-            outputs.append(self._finish(seq, out, FinishReason.ERROR))
+        for request_id in request_ids:
+            for seq in list(self._requests.get(request_id, ())):
+                if seq.is_finished:
+                    continue
+                out = SeqOutput(seq.request_id, seq.index, error=message,
+                                num_prompt_tokens=seq.num_prompt)
+                outputs.append(self._finish(seq, out, FinishReason.ERROR))
         return outputs
