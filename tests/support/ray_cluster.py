@@ -56,7 +56,7 @@ def start_ray_cluster(num_nodes: int = 2, cpus_per_node: int = 1) -> RayCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="pray-", dir="/tmp"))
     env = cluster_env()
     # every port of every node chosen at once, so no two components are given the same one
-    ports = iter(free_ports(2 + _NODE_PORTS * num_nodes))
+    ports = iter(free_ports(2 + len(_NODE_PORT_FLAGS) * num_nodes))
     port = next(ports)
     cluster = RayCluster(f"{NODE_IP}:{port}", temp_dir, env)
     try:
@@ -107,16 +107,15 @@ def _ray_start(env: dict[str, str], *args: str) -> None:
         raise RuntimeError(f"ray start {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
 
 
-_NODE_PORTS = 6
+_NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port",
+                    "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                    "--metrics-export-port", "--runtime-env-agent-port")
 
 
 def _node_ports(ports: Iterator[int]) -> list[str]:
     """Each node's own agent and manager ports: two raylets on one machine cannot share."""
-    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
-    assert len(names) == _NODE_PORTS
     return ["--object-store-memory", str(OBJECT_STORE_BYTES),
-            *(arg for name in names for arg in (name, str(next(ports))))]
+            *(arg for flag in _NODE_PORT_FLAGS for arg in (flag, str(next(ports))))]
 
 
 def _cmdlines() -> dict[int, str]:
